@@ -1,0 +1,273 @@
+//! The raw command line, as argh parses it. The doc comments here are the
+//! `--help` text; the man page (`man/libvirt-volume-provisioner.8`) carries
+//! the detail. Checking values (files exist, numbers in range) is the job of
+//! `config.rs`, not of this module.
+
+use argh::FromArgs;
+
+/// Fill libvirt/KVM VM disks from cached base images over an HTTPS API.
+#[derive(FromArgs, Debug)]
+pub struct Cli {
+    #[argh(subcommand)]
+    pub command: Command,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once at start; size is irrelevant
+pub enum Command {
+    Serve(Serve),
+    Token(Token),
+}
+
+/// Run the provisioning daemon.
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "serve")]
+pub struct Serve {
+    /// address and port to listen on (default 0.0.0.0:8080)
+    #[argh(option, default = "String::from(\"0.0.0.0:8080\")")]
+    pub listen: String,
+
+    /// PEM file with the server certificate chain
+    #[argh(option)]
+    pub tls_cert: Option<String>,
+
+    /// PEM file with the server's private key
+    #[argh(option)]
+    pub tls_key: Option<String>,
+
+    /// PEM file with the CA that signs client certificates (enables mutual TLS)
+    #[argh(option)]
+    pub client_ca: Option<String>,
+
+    /// tokens file (name:sha256:<hex> lines); enables token authentication
+    #[argh(option)]
+    pub tokens: Option<String>,
+
+    /// serve plain HTTP without TLS (development only; tokens required)
+    #[argh(switch)]
+    pub plain_http: bool,
+
+    /// volume backend: lvm or dir (default lvm)
+    #[argh(option, default = "String::from(\"lvm\")")]
+    pub backend: String,
+
+    /// LVM volume group that holds the volumes (lvm backend)
+    #[argh(option)]
+    pub volume_group: Option<String>,
+
+    /// directory that holds the volumes as raw files (dir backend)
+    #[argh(option)]
+    pub volume_dir: Option<String>,
+
+    /// image cache directory (default /var/lib/libvirt/images)
+    #[argh(option, default = "String::from(\"/var/lib/libvirt/images\")")]
+    pub cache_dir: String,
+
+    /// state directory (default /var/lib/libvirt-volume-provisioner)
+    #[argh(
+        option,
+        default = "String::from(\"/var/lib/libvirt-volume-provisioner\")"
+    )]
+    pub state_dir: String,
+
+    /// number of jobs that run at once (default 2)
+    #[argh(option, default = "2")]
+    pub workers: usize,
+
+    /// number of jobs that may wait for a worker (default 64)
+    #[argh(option, default = "64")]
+    pub queue: usize,
+
+    /// log level: error, warn, info, debug or trace (default info)
+    #[argh(option, default = "String::from(\"info\")")]
+    pub log_level: String,
+
+    /// fail jobs whose image has no digest (no image_sha256 and no sidecar)
+    #[argh(switch)]
+    pub require_digest: bool,
+
+    /// most client connections open at once (default 128)
+    #[argh(option, default = "128")]
+    pub max_connections: usize,
+
+    /// seconds a client has to finish the TLS handshake (default 10)
+    #[argh(option, default = "10")]
+    pub handshake_timeout: u64,
+
+    /// seconds a connection may stay silent before it is closed (default 60)
+    #[argh(option, default = "60")]
+    pub idle_timeout: u64,
+
+    /// seconds without a byte before an image download fails (default 60)
+    #[argh(option, default = "60")]
+    pub download_timeout: u64,
+}
+
+/// Manage API tokens.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "token")]
+pub struct Token {
+    #[argh(subcommand)]
+    pub command: TokenCommand,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum TokenCommand {
+    New(TokenNew),
+}
+
+/// Mint a token: print it once and append its SHA-256 to the tokens file.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "new")]
+pub struct TokenNew {
+    /// name the token is known by in logs (letters, digits, . _ -)
+    #[argh(positional)]
+    pub name: String,
+
+    /// tokens file to append to (created with mode 0600 if missing)
+    #[argh(option)]
+    pub tokens: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        Cli::from_args(&["libvirt-volume-provisioner"], args).map_err(|e| e.output)
+    }
+
+    fn serve(args: &[&str]) -> Serve {
+        let mut all = vec!["serve"];
+        all.extend_from_slice(args);
+        match parse(&all).unwrap().command {
+            Command::Serve(s) => s,
+            other => panic!("expected serve, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn test_serve_defaults() {
+        let s = serve(&[]);
+        assert_eq!(s.listen, "0.0.0.0:8080");
+        assert_eq!(s.backend, "lvm");
+        assert_eq!(s.cache_dir, "/var/lib/libvirt/images");
+        assert_eq!(s.state_dir, "/var/lib/libvirt-volume-provisioner");
+        assert_eq!((s.workers, s.queue), (2, 64));
+        assert_eq!(s.log_level, "info");
+        assert!(!s.plain_http && !s.require_digest);
+        assert_eq!(
+            (s.max_connections, s.handshake_timeout, s.idle_timeout),
+            (128, 10, 60)
+        );
+        assert_eq!(s.download_timeout, 60);
+    }
+
+    #[test]
+    fn test_serve_every_flag_parses() {
+        let s = serve(&[
+            "--listen",
+            "127.0.0.1:9",
+            "--tls-cert",
+            "c",
+            "--tls-key",
+            "k",
+            "--client-ca",
+            "ca",
+            "--tokens",
+            "t",
+            "--plain-http",
+            "--backend",
+            "dir",
+            "--volume-group",
+            "vg",
+            "--volume-dir",
+            "vd",
+            "--cache-dir",
+            "cd",
+            "--state-dir",
+            "sd",
+            "--workers",
+            "3",
+            "--queue",
+            "4",
+            "--log-level",
+            "debug",
+            "--require-digest",
+            "--max-connections",
+            "5",
+            "--handshake-timeout",
+            "6",
+            "--idle-timeout",
+            "7",
+            "--download-timeout",
+            "8",
+        ]);
+        assert_eq!(s.listen, "127.0.0.1:9");
+        assert_eq!(s.tls_cert.as_deref(), Some("c"));
+        assert_eq!(s.tls_key.as_deref(), Some("k"));
+        assert_eq!(s.client_ca.as_deref(), Some("ca"));
+        assert_eq!(s.tokens.as_deref(), Some("t"));
+        assert!(s.plain_http && s.require_digest);
+        assert_eq!(s.backend, "dir");
+        assert_eq!(s.volume_group.as_deref(), Some("vg"));
+        assert_eq!(s.volume_dir.as_deref(), Some("vd"));
+        assert_eq!((s.cache_dir.as_str(), s.state_dir.as_str()), ("cd", "sd"));
+        assert_eq!((s.workers, s.queue, s.max_connections), (3, 4, 5));
+        assert_eq!(
+            (s.handshake_timeout, s.idle_timeout, s.download_timeout),
+            (6, 7, 8)
+        );
+        assert_eq!(s.log_level, "debug");
+    }
+
+    #[test]
+    fn test_bad_number_is_rejected() {
+        let err = parse(&["serve", "--workers", "two"]).unwrap_err();
+        assert!(err.contains("--workers"), "{err}");
+    }
+
+    #[test]
+    fn test_token_new_parses() {
+        match parse(&["token", "new", "ci", "--tokens", "/tmp/t"])
+            .unwrap()
+            .command
+        {
+            Command::Token(Token {
+                command: TokenCommand::New(t),
+            }) => {
+                assert_eq!((t.name.as_str(), t.tokens.as_str()), ("ci", "/tmp/t"));
+            }
+            other => panic!("expected token new, got {other:?}"),
+        }
+    }
+
+    /// Every long flag in this file must be documented in the man page.
+    #[test]
+    fn test_every_flag_is_in_the_man_page() {
+        let man = include_str!("../man/libvirt-volume-provisioner.8");
+        let src = include_str!("cli.rs");
+        let mut missing = Vec::new();
+        let mut lines = src.lines().peekable();
+        while let Some(line) = lines.next() {
+            let line = line.trim();
+            if line.starts_with("#[argh(option") || line.starts_with("#[argh(switch") {
+                let field = lines.peek().map(|l| l.trim()).unwrap_or_default();
+                if let Some(name) = field.strip_prefix("pub ").and_then(|f| f.split(':').next()) {
+                    let flag = format!("-{}", name.replace('_', "-"));
+                    // roff escapes dashes: \-\-flag-name
+                    let roff = format!("\\-\\-{}", name.replace('_', "\\-"));
+                    if !man.contains(&roff) && !man.contains(&format!("-{flag}")) {
+                        missing.push(format!("-{flag}"));
+                    }
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "flags missing from the man page: {missing:?}"
+        );
+    }
+}

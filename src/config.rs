@@ -1,0 +1,264 @@
+//! The checked runtime configuration, built from the raw command line.
+//!
+//! Every problem found is reported, one sentence each, naming the flag, so
+//! an operator fixes them all in one go. Checks that need the host (files
+//! readable, qemu-img present, volume group present, directories writable)
+//! run here, at start, rather than on the first job.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::LevelFilter;
+use rustls::ServerConfig;
+
+use crate::cli::Serve;
+use crate::frontdoor;
+use crate::tokens::TokenSet;
+use crate::volume::dir::DirBackend;
+use crate::volume::lvm::LvmBackend;
+use crate::volume::VolumeBackend;
+
+/// Upper bounds that catch typos (a worker count of 2000) early.
+const MAX_WORKERS: usize = 64;
+const MAX_QUEUE: usize = 100_000;
+const MAX_CONNECTIONS: usize = 10_000;
+
+pub struct Config {
+    pub listen: SocketAddr,
+    pub tls: Option<Arc<ServerConfig>>,
+    pub tokens: Option<TokenSet>,
+    pub backend: Box<dyn VolumeBackend>,
+    pub cache_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub workers: usize,
+    pub queue: usize,
+    pub require_digest: bool,
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub download_timeout: Duration,
+    pub auth_summary: String,
+}
+
+/// Parses `--log-level` on its own, so logging can start before the rest
+/// is checked.
+pub fn log_level(text: &str) -> Result<LevelFilter, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "error" => Ok(LevelFilter::Error),
+        "warn" | "warning" => Ok(LevelFilter::Warn),
+        "info" => Ok(LevelFilter::Info),
+        "debug" => Ok(LevelFilter::Debug),
+        "trace" => Ok(LevelFilter::Trace),
+        other => Err(format!(
+            "--log-level {other:?} is not one of error, warn, info, debug, trace"
+        )),
+    }
+}
+
+impl Config {
+    /// Checks everything; on failure returns every problem found.
+    pub fn from_cli(cli: &Serve) -> Result<Config, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut note = |r: Result<(), String>| {
+            if let Err(e) = r {
+                problems.push(e);
+            }
+        };
+
+        let listen = cli.listen.parse::<SocketAddr>().map_err(|_| {
+            format!(
+                "--listen {:?} is not an address:port such as 0.0.0.0:8080",
+                cli.listen
+            )
+        });
+        note(listen.as_ref().map(|_| ()).map_err(Clone::clone));
+        note(log_level(&cli.log_level).map(|_| ()));
+        note(range("--workers", cli.workers, 1, MAX_WORKERS));
+        note(range("--queue", cli.queue, 1, MAX_QUEUE));
+        note(range(
+            "--max-connections",
+            cli.max_connections,
+            1,
+            MAX_CONNECTIONS,
+        ));
+        note(range(
+            "--handshake-timeout",
+            cli.handshake_timeout as usize,
+            1,
+            3600,
+        ));
+        note(range(
+            "--idle-timeout",
+            cli.idle_timeout as usize,
+            1,
+            86_400,
+        ));
+        note(range(
+            "--download-timeout",
+            cli.download_timeout as usize,
+            1,
+            86_400,
+        ));
+
+        let tokens = match &cli.tokens {
+            Some(path) => match TokenSet::load(Path::new(path)) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    problems.push(format!("--tokens: {}", crate::error::chain(&e)));
+                    None
+                }
+            },
+            None => None,
+        };
+        if cli.client_ca.is_none() && cli.tokens.is_none() {
+            problems.push(
+                "no way to authenticate clients: give --client-ca (mutual TLS), --tokens, or both"
+                    .into(),
+            );
+        }
+        let tls = if cli.plain_http {
+            if cli.tokens.is_none() && cli.client_ca.is_some() {
+                problems.push(
+                    "--plain-http cannot check client certificates: give --tokens as well".into(),
+                );
+            }
+            if cli.tls_cert.is_some() || cli.tls_key.is_some() {
+                problems.push("--plain-http conflicts with --tls-cert/--tls-key".into());
+            }
+            None
+        } else {
+            match (&cli.tls_cert, &cli.tls_key) {
+                (Some(cert), Some(key)) => match frontdoor::tls::server_config(
+                    Path::new(cert),
+                    Path::new(key),
+                    cli.client_ca.as_deref().map(Path::new),
+                    cli.tokens.is_some(),
+                ) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        problems.push(e);
+                        None
+                    }
+                },
+                _ => {
+                    problems.push(
+                        "--tls-cert and --tls-key are required (or --plain-http for development)"
+                            .into(),
+                    );
+                    None
+                }
+            }
+        };
+
+        let cache_dir = PathBuf::from(&cli.cache_dir);
+        let state_dir = PathBuf::from(&cli.state_dir);
+        let mut note = |r: Result<(), String>| {
+            if let Err(e) = r {
+                problems.push(e);
+            }
+        };
+        note(writable_dir("--cache-dir", &cache_dir));
+        note(writable_dir("--state-dir", &state_dir));
+        note(qemu_img_present());
+
+        let backend: Option<Box<dyn VolumeBackend>> = match cli.backend.as_str() {
+            "lvm" => match &cli.volume_group {
+                None => {
+                    problems.push("--backend lvm needs --volume-group".into());
+                    None
+                }
+                Some(vg) => match LvmBackend::open(vg) {
+                    Ok(b) => Some(Box::new(b)),
+                    Err(e) => {
+                        problems.push(e);
+                        None
+                    }
+                },
+            },
+            "dir" => match &cli.volume_dir {
+                None => {
+                    problems.push("--backend dir needs --volume-dir".into());
+                    None
+                }
+                Some(dir) => {
+                    let dir = PathBuf::from(dir);
+                    let same = fs::canonicalize(&dir)
+                        .ok()
+                        .is_some_and(|d| fs::canonicalize(&cache_dir).ok().is_some_and(|c| c == d));
+                    if same {
+                        problems.push("--volume-dir must not be the --cache-dir".into());
+                        None
+                    } else {
+                        match writable_dir("--volume-dir", &dir).and_then(|()| {
+                            DirBackend::new(&dir)
+                                .map_err(|e| format!("--volume-dir {}: {e}", dir.display()))
+                        }) {
+                            Ok(b) => Some(Box::new(b)),
+                            Err(e) => {
+                                problems.push(e);
+                                None
+                            }
+                        }
+                    }
+                }
+            },
+            other => {
+                problems.push(format!("--backend {other:?} is not lvm or dir"));
+                None
+            }
+        };
+
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let auth_summary = match (cli.client_ca.is_some(), tokens.is_some()) {
+            (true, true) => "client certificate or API token",
+            (true, false) => "client certificate required",
+            (false, _) => "API token required",
+        }
+        .to_string();
+        Ok(Config {
+            listen: listen.expect("checked above"),
+            tls,
+            tokens,
+            backend: backend.expect("checked above"),
+            cache_dir,
+            state_dir,
+            workers: cli.workers,
+            queue: cli.queue,
+            require_digest: cli.require_digest,
+            max_connections: cli.max_connections,
+            handshake_timeout: Duration::from_secs(cli.handshake_timeout),
+            idle_timeout: Duration::from_secs(cli.idle_timeout),
+            download_timeout: Duration::from_secs(cli.download_timeout),
+            auth_summary,
+        })
+    }
+}
+
+fn range(flag: &str, value: usize, lo: usize, hi: usize) -> Result<(), String> {
+    if (lo..=hi).contains(&value) {
+        Ok(())
+    } else {
+        Err(format!("{flag} {value} is out of range ({lo} to {hi})"))
+    }
+}
+
+/// Creates `dir` if needed and proves we can write a file in it.
+fn writable_dir(flag: &str, dir: &Path) -> Result<(), String> {
+    fs::create_dir_all(dir)
+        .map_err(|e| format!("{flag} {}: cannot create directory ({e})", dir.display()))?;
+    let probe = dir.join(format!(".lvp-write-test-{}", std::process::id()));
+    fs::write(&probe, b"")
+        .and_then(|()| fs::remove_file(&probe))
+        .map_err(|e| format!("{flag} {}: directory is not writable ({e})", dir.display()))
+}
+
+fn qemu_img_present() -> Result<(), String> {
+    crate::cmd::run(&["qemu-img".to_string(), "--version".to_string()])
+        .map(|_| ())
+        .map_err(|e| format!("qemu-img is required: {e} (install qemu-utils)"))
+}

@@ -1,0 +1,378 @@
+//! The stages of one job, in order:
+//!
+//! 1. `downloading`: find the expected digest (`image_sha256`, else the
+//!    `.sha256` sidecar); use the cache entry if there is one, else
+//!    download (or wait for the job already downloading the same URL),
+//!    verify and store it.
+//! 2. `inspecting`: `qemu-img info -f <image_type>`; refuse backing files,
+//!    external data files, encryption, and images larger than the volume.
+//! 3. `creating_volume`: create the volume, or reuse one that is not open.
+//! 4. `converting` (qcow2) or `copying` (raw): write the image.
+//! 5. `finalizing`: the volume is flushed to stable storage, then the job
+//!    is `completed`.
+//!
+//! Cancel is checked between stages and inside downloads and writes. On
+//! failure or cancel a volume this job created is removed, a reused one is
+//! left (and the error says so), and a partial download is deleted.
+
+use std::fs;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::table::JobTable;
+use super::{JobCtx, JobId, Stage, Status};
+use crate::api::{ImageType, JobRequest};
+use crate::cache::{Cache, Role};
+use crate::error::chain;
+use crate::fetch::{redact, FetchError, Fetcher};
+use crate::inspect;
+use crate::volume::{Volume, VolumeBackend};
+use crate::write;
+
+/// How often a job retries after the download it waited for failed.
+const FLIGHT_ATTEMPTS: usize = 3;
+
+pub struct Pipeline {
+    pub table: Arc<JobTable>,
+    pub cache: Cache,
+    pub backend: Box<dyn VolumeBackend>,
+    pub fetcher: Fetcher,
+    pub require_digest: bool,
+}
+
+/// Why a job stopped.
+struct Stop {
+    stage: Stage,
+    message: String,
+    cancelled: bool,
+}
+
+impl Stop {
+    fn fail(stage: Stage, message: impl Into<String>) -> Stop {
+        Stop {
+            stage,
+            message: message.into(),
+            cancelled: false,
+        }
+    }
+
+    fn cancelled(stage: Stage) -> Stop {
+        Stop {
+            stage,
+            message: "cancelled by request".into(),
+            cancelled: true,
+        }
+    }
+}
+
+/// What a job has done that a failure must undo.
+#[derive(Default)]
+struct Undo {
+    temp_file: Option<PathBuf>,
+    volume: Option<Volume>,
+}
+
+impl Pipeline {
+    /// Runs job `id` to its end. Does nothing if it was cancelled while it
+    /// waited in the queue.
+    pub fn run(&self, id: JobId) {
+        let Some((req, cancel)) = self.table.start(id) else {
+            return;
+        };
+        let correlation = req.correlation_id.clone().unwrap_or_else(|| id.to_string());
+        let volume = self.backend.describe(&req.volume_name);
+        let ctx = JobCtx {
+            id,
+            correlation: &correlation,
+            volume: &volume,
+        };
+        let started = Instant::now();
+        log::info!(
+            "{ctx} stage=queued: started, image {}",
+            redact(&req.image_url)
+        );
+        let mut undo = Undo::default();
+        let outcome = self.stages(id, &ctx, &req, &cancel, &mut undo);
+        let secs = started.elapsed().as_secs_f64();
+        match outcome {
+            Ok(()) => {
+                log::info!("{ctx} stage=finalizing: completed in {secs:.1}s");
+                self.table.finish(id, Status::Completed, None);
+            }
+            Err(stop) => {
+                let rollback = self.roll_back(&ctx, undo);
+                let status = if stop.cancelled {
+                    Status::Cancelled
+                } else {
+                    Status::Failed
+                };
+                let error = format!("{}: {}{rollback}", stop.stage, stop.message);
+                if stop.cancelled {
+                    log::info!(
+                        "{ctx} stage={}: cancelled after {secs:.1}s{rollback}",
+                        stop.stage
+                    );
+                } else {
+                    log::error!(
+                        "{ctx} stage={}: job failed after {secs:.1}s: {error}",
+                        stop.stage
+                    );
+                }
+                self.table.finish(id, status, Some(error));
+            }
+        }
+    }
+
+    fn stages(
+        &self,
+        id: JobId,
+        ctx: &JobCtx,
+        req: &JobRequest,
+        cancel: &AtomicBool,
+        undo: &mut Undo,
+    ) -> Result<(), Stop> {
+        let check = |stage| {
+            if cancel.load(Ordering::SeqCst) {
+                Err(Stop::cancelled(stage))
+            } else {
+                Ok(())
+            }
+        };
+
+        self.enter(id, ctx, Stage::Downloading);
+        let (image, image_len) = self.obtain_image(id, ctx, req, cancel, undo)?;
+        check(Stage::Inspecting)?;
+
+        self.enter(id, ctx, Stage::Inspecting);
+        let info = inspect::inspect(&image, req.image_type)
+            .and_then(|info| inspect::check(&info, req.volume_bytes()).map(|()| info))
+            .map_err(|e| Stop::fail(Stage::Inspecting, chain(&e)))?;
+        check(Stage::CreatingVolume)?;
+
+        self.enter(id, ctx, Stage::CreatingVolume);
+        let volume = self
+            .backend
+            .prepare(&req.volume_name, req.volume_bytes(), &id.to_string())
+            .map_err(|e| Stop::fail(Stage::CreatingVolume, chain(&e)))?;
+        let path = volume.path.display().to_string();
+        self.table.update(id, |j| j.volume_path = Some(path));
+        undo.volume = Some(volume.clone());
+        if info.virtual_size > volume.size {
+            return Err(Stop::fail(
+                Stage::CreatingVolume,
+                format!(
+                    "image's virtual size {} bytes is larger than the existing volume's {} bytes",
+                    info.virtual_size, volume.size
+                ),
+            ));
+        }
+        let write_stage = match req.image_type {
+            ImageType::Qcow2 => Stage::Converting,
+            ImageType::Raw => Stage::Copying,
+        };
+        check(write_stage)?;
+
+        self.enter(id, ctx, write_stage);
+        let total = info.virtual_size;
+        let written = match req.image_type {
+            ImageType::Qcow2 => write::convert_qcow2(&image, &volume, cancel, &mut |pct| {
+                let done = (pct / 100.0 * total as f64) as u64;
+                self.table.progress(id, write_stage, done, Some(total));
+            }),
+            ImageType::Raw => write::copy_raw(&image, image_len, &volume, cancel, &mut |done| {
+                self.table.progress(id, write_stage, done, Some(image_len));
+            }),
+        };
+        written.map_err(|e| {
+            if e.is_cancel() {
+                Stop::cancelled(write_stage)
+            } else {
+                Stop::fail(write_stage, format!("write {}: {}", ctx.volume, chain(&e)))
+            }
+        })?;
+        // The write functions flushed the volume; nothing may fail after this.
+        log::info!("{ctx} stage=finalizing: volume flushed to stable storage");
+        let written = match req.image_type {
+            ImageType::Qcow2 => total,
+            ImageType::Raw => image_len,
+        };
+        self.table
+            .progress(id, Stage::Finalizing, written, Some(written));
+        Ok(())
+    }
+
+    fn enter(&self, id: JobId, ctx: &JobCtx, stage: Stage) {
+        log::info!("{ctx} stage={stage}: entered");
+        self.table.progress(id, stage, 0, None);
+    }
+
+    /// Stage 1: the verified cache entry for the request's image, and its
+    /// length in bytes.
+    fn obtain_image(
+        &self,
+        id: JobId,
+        ctx: &JobCtx,
+        req: &JobRequest,
+        cancel: &AtomicBool,
+        undo: &mut Undo,
+    ) -> Result<(PathBuf, u64), Stop> {
+        let stage = Stage::Downloading;
+        let (expected, source) = match &req.image_sha256 {
+            Some(d) => (Some(d.clone()), "image_sha256"),
+            None => {
+                let found = self
+                    .fetcher
+                    .sidecar_digest(&req.image_url)
+                    .map_err(|e| Stop::fail(stage, chain(&e)))?;
+                (found, "the .sha256 file")
+            }
+        };
+        if expected.is_none() && self.require_digest {
+            return Err(Stop::fail(
+                stage,
+                format!(
+                    "no digest for {}: give image_sha256 or publish {} (--require-digest is set)",
+                    redact(&req.image_url),
+                    redact(&crate::fetch::sidecar_url(&req.image_url))
+                ),
+            ));
+        }
+        if let Some(digest) = &expected {
+            if let Some(entry) = self.cache.lookup(digest) {
+                log::info!("{ctx} stage=downloading: cache hit {digest}");
+                return Ok(self.use_entry(id, entry, digest, true));
+            }
+            log::info!("{ctx} stage=downloading: cache miss {digest} (expected from {source})");
+        } else {
+            log::info!("{ctx} stage=downloading: no digest published; downloading to compute it");
+        }
+
+        for _ in 0..FLIGHT_ATTEMPTS {
+            match self.cache.join_flight(&req.image_url) {
+                Role::Leader(guard) => {
+                    let (temp, mut file) = self
+                        .cache
+                        .temp_file(&id.to_string())
+                        .map_err(|e| Stop::fail(stage, format!("create temporary file: {e}")))?;
+                    undo.temp_file = Some(temp.clone());
+                    let flight = Arc::clone(&guard.flight);
+                    let got = self
+                        .fetcher
+                        .download(&req.image_url, &mut file, cancel, &mut |done, total| {
+                            flight.bytes_done.store(done, Ordering::Relaxed);
+                            flight
+                                .bytes_total
+                                .store(total.unwrap_or(u64::MAX), Ordering::Relaxed);
+                            self.table.progress(id, stage, done, total);
+                        })
+                        .map_err(|e| match e {
+                            FetchError::Cancelled => Stop::cancelled(stage),
+                            e => Stop::fail(stage, chain(&e)),
+                        })?;
+                    if let Some(want) = &expected {
+                        if *want != got.sha256 {
+                            return Err(Stop::fail(
+                                stage,
+                                format!(
+                                    "digest mismatch for {}: expected {want} (from {source}), \
+                                     downloaded {} bytes with digest {}; nothing was cached",
+                                    redact(&req.image_url),
+                                    got.bytes,
+                                    got.sha256
+                                ),
+                            ));
+                        }
+                    }
+                    let entry = self
+                        .cache
+                        .commit(&temp, file, &got.sha256)
+                        .map_err(|e| Stop::fail(stage, format!("store image in the cache: {e}")))?;
+                    undo.temp_file = None;
+                    log::info!(
+                        "{ctx} stage=downloading: stored {} bytes as {}",
+                        got.bytes,
+                        entry.display()
+                    );
+                    guard.finish(got.sha256.clone());
+                    return Ok(self.use_entry(id, entry, &got.sha256, false));
+                }
+                Role::Follower(flight) => {
+                    log::info!(
+                        "{ctx} stage=downloading: waiting for the download another job runs"
+                    );
+                    let outcome = flight
+                        .wait(cancel, &mut |done, total| {
+                            self.table.progress(id, stage, done, total);
+                        })
+                        .map_err(|()| Stop::cancelled(stage))?;
+                    let Some(digest) = outcome else { continue };
+                    if let Some(want) = &expected {
+                        if *want != digest {
+                            return Err(Stop::fail(
+                                stage,
+                                format!(
+                                    "digest mismatch for {}: expected {want} (from {source}), \
+                                     the server sent an image with digest {digest}",
+                                    redact(&req.image_url)
+                                ),
+                            ));
+                        }
+                    }
+                    if let Some(entry) = self.cache.lookup(&digest) {
+                        return Ok(self.use_entry(id, entry, &digest, false));
+                    }
+                }
+            }
+        }
+        Err(Stop::fail(
+            stage,
+            "the shared download of this image failed repeatedly",
+        ))
+    }
+
+    fn use_entry(&self, id: JobId, entry: PathBuf, digest: &str, hit: bool) -> (PathBuf, u64) {
+        let len = fs::metadata(&entry).map(|m| m.len()).unwrap_or(0);
+        let shown = entry.display().to_string();
+        let digest = digest.to_string();
+        self.table.update(id, |j| {
+            j.cache_hit = hit;
+            j.image_path = Some(shown);
+            j.image_sha256 = Some(digest);
+        });
+        self.table.progress(id, Stage::Downloading, len, Some(len));
+        (entry, len)
+    }
+
+    /// Undoes what a stopped job did. Returns a note for the job's error
+    /// about what was removed or left.
+    fn roll_back(&self, ctx: &JobCtx, undo: Undo) -> String {
+        if let Some(temp) = undo.temp_file {
+            if let Err(e) = fs::remove_file(&temp) {
+                log::error!(
+                    "{ctx}: could not remove {}: {e}; remove it by hand",
+                    temp.display()
+                );
+            }
+        }
+        match undo.volume {
+            None => String::new(),
+            Some(v) if !v.created => {
+                "; the existing volume was reused and is left in place (its content may be partly overwritten)"
+                    .to_string()
+            }
+            Some(v) => match self.backend.remove(&v) {
+                Ok(()) => "; the volume this job created was removed".to_string(),
+                Err(e) => {
+                    log::error!(
+                        "{ctx}: could not remove volume {} that this job created: {}; remove it by hand",
+                        ctx.volume,
+                        chain(&e)
+                    );
+                    format!("; removing the volume it created failed: {}", chain(&e))
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! The `dir` backend: each volume is a raw file `<volume-dir>/<name>`.
+//!
+//! A new volume is a sparse file of the requested size, so it reads as
+//! zeros and zero blocks need not be written. An existing file is reused
+//! when its size is close enough and no process has it open (checked in
+//! `/proc/*/fd`, which as root sees every process, a qemu VM included).
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::{size_is_reusable, Volume, VolumeBackend, VolumeError};
+
+pub struct DirBackend {
+    dir: PathBuf,
+}
+
+impl DirBackend {
+    pub fn new(dir: &Path) -> io::Result<DirBackend> {
+        fs::create_dir_all(dir)?;
+        Ok(DirBackend {
+            dir: dir.canonicalize()?,
+        })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl VolumeBackend for DirBackend {
+    fn kind(&self) -> &'static str {
+        "dir"
+    }
+
+    fn describe(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+
+    fn prepare(&self, name: &str, size: u64, _job: &str) -> Result<Volume, VolumeError> {
+        let path = self.path(name);
+        let shown = path.display().to_string();
+        match fs::symlink_metadata(&path) {
+            Ok(meta) => {
+                if meta.file_type().is_symlink() {
+                    return Err(VolumeError::not_a_volume(&shown, "a symbolic link"));
+                }
+                if !meta.is_file() {
+                    return Err(VolumeError::not_a_volume(&shown, "not a regular file"));
+                }
+                if is_open(&path).map_err(|e| VolumeError::backend(&shown, "look up", e))? {
+                    return Err(VolumeError::in_use(&shown));
+                }
+                if !size_is_reusable(meta.len(), size) {
+                    return Err(VolumeError::size_mismatch(&shown, meta.len(), size));
+                }
+                log::info!(
+                    "reusing existing volume file {shown} ({} bytes)",
+                    meta.len()
+                );
+                Ok(Volume {
+                    name: name.into(),
+                    path,
+                    size: meta.len(),
+                    created: false,
+                    reads_as_zero: false,
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .map_err(|e| VolumeError::backend(&shown, "create", e))?;
+                let made = file
+                    .set_len(size)
+                    .and_then(|()| file.sync_all())
+                    .and_then(|()| File::open(&self.dir)?.sync_all());
+                if let Err(e) = made {
+                    let _ = fs::remove_file(&path);
+                    return Err(VolumeError::backend(&shown, "create", e));
+                }
+                log::info!("created volume file {shown} ({size} bytes, sparse)");
+                Ok(Volume {
+                    name: name.into(),
+                    path,
+                    size,
+                    created: true,
+                    reads_as_zero: true,
+                })
+            }
+            Err(e) => Err(VolumeError::backend(&shown, "look up", e)),
+        }
+    }
+
+    fn remove(&self, volume: &Volume) -> Result<(), VolumeError> {
+        let shown = volume.path.display().to_string();
+        fs::remove_file(&volume.path).map_err(|e| VolumeError::backend(&shown, "remove", e))?;
+        log::info!("removed volume file {shown}");
+        Ok(())
+    }
+}
+
+/// Whether any process holds `path` open, judged from `/proc/*/fd`.
+/// Processes we may not inspect are skipped (as root there are none).
+pub fn is_open(path: &Path) -> io::Result<bool> {
+    let target = path.canonicalize()?;
+    for proc_entry in fs::read_dir("/proc")? {
+        let Ok(proc_entry) = proc_entry else { continue };
+        let name = proc_entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(fds) = fs::read_dir(proc_entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if fs::read_link(fd.path()).is_ok_and(|link| link == target) {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::VolumeErrorKind;
+
+    fn backend(tag: &str) -> (DirBackend, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("lvp-dir-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        (DirBackend::new(&dir).unwrap(), dir)
+    }
+
+    #[test]
+    fn test_create_then_reuse_then_refuse() {
+        let (b, dir) = backend("reuse");
+        let v = b.prepare("vm-1", 1 << 20, "j").unwrap();
+        assert!(v.created && v.reads_as_zero);
+        assert_eq!(fs::metadata(&v.path).unwrap().len(), 1 << 20);
+
+        let again = b.prepare("vm-1", 1 << 20, "j").unwrap();
+        assert!(!again.created && !again.reads_as_zero);
+
+        let err = b.prepare("vm-1", 4 << 20, "j").unwrap_err();
+        assert_eq!(err.kind, VolumeErrorKind::SizeMismatch);
+
+        let _held = File::open(&v.path).unwrap();
+        let err = b.prepare("vm-1", 1 << 20, "j").unwrap_err();
+        assert_eq!(err.kind, VolumeErrorKind::InUse, "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_symlink_is_refused() {
+        let (b, dir) = backend("link");
+        std::os::unix::fs::symlink("/etc/hostname", dir.join("evil")).unwrap();
+        let err = b.prepare("evil", 1 << 20, "j").unwrap_err();
+        assert_eq!(err.kind, VolumeErrorKind::NotAVolume);
+        assert!(
+            fs::read_link(dir.join("evil")).is_ok(),
+            "the link is left alone"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
