@@ -1,17 +1,21 @@
 //! The content-addressed image cache.
 //!
 //! An entry is `<cache-dir>/<sha256>.img`: the image's bytes exactly as
-//! downloaded (qcow2 stays compressed), named by their SHA-256. A download
-//! goes to `.lvp-<job>.part` in the same directory and becomes an entry
-//! only by an atomic rename after the digest matched and the file and the
-//! directory were fsynced, so a crash or a mismatch never leaves a file
-//! that looks like an entry. Jobs that need the same image at the same time
+//! downloaded (qcow2 stays compressed), named by their SHA-256, with a
+//! small `<sha256>.json` beside it that records the size and source. A
+//! download goes to `.lvp-<job>.part` in the same directory and becomes an
+//! entry only by an atomic rename after the digest matched and the file,
+//! its record and the directory were fsynced, so a crash or a mismatch
+//! never leaves a file that looks like an entry. Before use an entry's size
+//! is checked against its record (its digest too with `--verify-cache`);
+//! an entry that fails is deleted and downloaded again. An entry's mtime
+//! is its last use, for least-recently-used eviction. Jobs that need the same image at the same time
 //! share one download: the first becomes the leader of a [`Flight`], the
 //! others wait for it and watch its progress.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -19,6 +23,31 @@ use std::time::Duration;
 
 const TEMP_PREFIX: &str = ".lvp-";
 const TEMP_SUFFIX: &str = ".part";
+
+/// What `<sha256>.json` records about an entry.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct EntryRecord {
+    sha256: String,
+    size: u64,
+    /// The URL it came from, without query string.
+    source: String,
+}
+
+/// SHA-256 of a whole file, as lower-case hex.
+pub fn hash_file(path: &Path) -> io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut f = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = io::Read::read(&mut f, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(crate::tokens::hex(&hasher.finalize()))
+}
 
 pub struct Cache {
     dir: PathBuf,
@@ -90,11 +119,7 @@ impl Flight {
                 self.bytes_done.load(Ordering::Relaxed),
                 (total != u64::MAX).then_some(total),
             );
-            outcome = self
-                .finished
-                .wait_timeout(outcome, Duration::from_millis(200))
-                .unwrap()
-                .0;
+            outcome = self.finished.wait_timeout(outcome, Duration::from_millis(200)).unwrap().0;
         }
     }
 }
@@ -104,10 +129,7 @@ impl Cache {
     /// temporary files that an earlier run left behind.
     pub fn open(dir: &Path) -> io::Result<Cache> {
         fs::create_dir_all(dir)?;
-        let cache = Cache {
-            dir: dir.to_path_buf(),
-            flights: Mutex::default(),
-        };
+        let cache = Cache { dir: dir.to_path_buf(), flights: Mutex::default() };
         cache.sweep_temp_files()?;
         Ok(cache)
     }
@@ -116,12 +138,91 @@ impl Cache {
         self.dir.join(format!("{sha256}.img"))
     }
 
-    /// The entry for `sha256`, if the cache holds one.
-    pub fn lookup(&self, sha256: &str) -> Option<PathBuf> {
+    fn record_path(&self, sha256: &str) -> PathBuf {
+        self.dir.join(format!("{sha256}.json"))
+    }
+
+    /// The entry for `sha256` if the cache holds a sound one. With
+    /// `verify`, the entry is hashed again; without, its size is checked
+    /// against its record (and an entry without a record is hashed).
+    pub fn lookup(&self, sha256: &str, verify: bool) -> Option<PathBuf> {
         let path = self.entry_path(sha256);
-        match fs::symlink_metadata(&path) {
-            Ok(meta) if meta.is_file() => Some(path),
-            _ => None,
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_file() => meta,
+            _ => return None,
+        };
+        let recorded = self.read_record(sha256);
+        let sound = match (&recorded, verify) {
+            (Some(rec), false) => rec.size == meta.len(),
+            _ => hash_file(&path).is_ok_and(|got| got == sha256),
+        };
+        if !sound {
+            log::warn!("cache entry {} is damaged (size or digest); deleting it", path.display());
+            let _ = fs::remove_file(&path);
+            let _ = fs::remove_file(self.record_path(sha256));
+            return None;
+        }
+        if recorded.is_none() {
+            let _ = self.write_record(sha256, meta.len(), "unknown (entry re-verified)");
+        }
+        // Mark the use for LRU eviction; failing that only affects eviction order.
+        let _ = File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        Some(path)
+    }
+
+    fn read_record(&self, sha256: &str) -> Option<EntryRecord> {
+        let text = fs::read(self.record_path(sha256)).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    fn write_record(&self, sha256: &str, size: u64, source: &str) -> io::Result<()> {
+        let record = EntryRecord { sha256: sha256.to_string(), size, source: source.to_string() };
+        let temp = self.dir.join(format!("{TEMP_PREFIX}{sha256}.json{TEMP_SUFFIX}"));
+        let mut f = File::create(&temp)?;
+        f.write_all(&serde_json::to_vec(&record).map_err(io::Error::other)?)?;
+        f.sync_all()?;
+        fs::rename(&temp, self.record_path(sha256))
+    }
+
+    /// Deletes least recently used entries until the cache holds at most
+    /// `max_bytes`, never one whose digest is in `keep_digests` or whose
+    /// source is in `keep_sources` (images that active jobs need).
+    pub fn evict(&self, max_bytes: u64, keep_digests: &[String], keep_sources: &[String]) {
+        let mut entries = Vec::new();
+        let Ok(items) = fs::read_dir(&self.dir) else { return };
+        for item in items.flatten() {
+            let name = item.file_name().to_string_lossy().into_owned();
+            let Some(sha) = name.strip_suffix(".img") else { continue };
+            let Ok(meta) = item.metadata() else { continue };
+            let used = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+            entries.push((used, meta.len(), sha.to_string()));
+        }
+        let mut total: u64 = entries.iter().map(|e| e.1).sum();
+        entries.sort();
+        for (_, size, sha) in entries {
+            if total <= max_bytes {
+                break;
+            }
+            let source = self.read_record(&sha).map(|r| r.source);
+            let needed = keep_digests.contains(&sha)
+                || source.is_some_and(|s| keep_sources.iter().any(|k| crate::fetch::redact(k) == s));
+            if needed {
+                continue;
+            }
+            match fs::remove_file(self.entry_path(&sha)) {
+                Ok(()) => {
+                    let _ = fs::remove_file(self.record_path(&sha));
+                    total -= size;
+                    log::info!("evicted cache entry {sha} ({size} bytes) to stay under the size limit");
+                }
+                Err(e) => log::warn!("could not evict cache entry {sha}: {e}"),
+            }
+        }
+        if total > max_bytes {
+            log::warn!("cache holds {total} bytes, over its limit of {max_bytes}: active jobs need the rest");
         }
     }
 
@@ -134,29 +235,24 @@ impl Cache {
         let flight = Arc::new(Flight::default());
         flight.bytes_total.store(u64::MAX, Ordering::Relaxed);
         flights.insert(key.to_string(), Arc::clone(&flight));
-        Role::Leader(FlightGuard {
-            cache: self,
-            key: key.to_string(),
-            flight,
-            result: None,
-        })
+        Role::Leader(FlightGuard { cache: self, key: key.to_string(), flight, result: None })
     }
 
     /// Creates the temporary file a job downloads into.
     pub fn temp_file(&self, job: &str) -> io::Result<(PathBuf, File)> {
         let path = self.dir.join(format!("{TEMP_PREFIX}{job}{TEMP_SUFFIX}"));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
+        let file = OpenOptions::new().write(true).create_new(true).open(&path)?;
         Ok((path, file))
     }
 
-    /// Makes a verified download an entry: data to disk, rename, then the
-    /// directory to disk so the rename itself survives a power cut.
-    pub fn commit(&self, temp: &Path, file: File, sha256: &str) -> io::Result<PathBuf> {
+    /// Makes a verified download an entry: data to disk, its record, the
+    /// rename, then the directory to disk so the rename itself survives a
+    /// power cut.
+    pub fn commit(&self, temp: &Path, file: File, sha256: &str, source: &str) -> io::Result<PathBuf> {
         file.sync_all()?;
+        let size = file.metadata()?.len();
         drop(file);
+        self.write_record(sha256, size, &crate::fetch::redact(source))?;
         let entry = self.entry_path(sha256);
         fs::rename(temp, &entry)?;
         File::open(&self.dir)?.sync_all()?;
@@ -171,6 +267,11 @@ impl Cache {
             if name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX) {
                 log::info!("removing leftover download {}", item.path().display());
                 fs::remove_file(item.path())?;
+            } else if let Some(sha) = name.strip_suffix(".json") {
+                // A record whose entry never arrived (crash before the rename).
+                if !self.entry_path(sha).exists() {
+                    fs::remove_file(item.path())?;
+                }
             }
         }
         Ok(())
@@ -193,20 +294,65 @@ mod tests {
         let cache = Cache::open(&dir).unwrap();
         let (tmp, file) = cache.temp_file("job1").unwrap();
         fs::write(&tmp, b"abc").unwrap();
-        assert!(cache.lookup("d1").is_none());
-        let entry = cache.commit(&tmp, file, "d1").unwrap();
+        assert!(cache.lookup(ABC, false).is_none());
+        let entry = cache.commit(&tmp, file, ABC, "http://h/x?sig=1").unwrap();
         assert_eq!(fs::read(&entry).unwrap(), b"abc");
-        assert_eq!(cache.lookup("d1"), Some(entry));
+        assert_eq!(cache.lookup(ABC, false), Some(entry.clone()));
+        assert_eq!(cache.lookup(ABC, true), Some(entry));
         assert!(!tmp.exists());
 
         let (left, _) = cache.temp_file("job2").unwrap();
         drop(cache);
         let cache = Cache::open(&dir).unwrap();
-        assert!(
-            !left.exists(),
-            "a leftover .part file must be swept at open"
-        );
-        assert!(cache.lookup("d1").is_some());
+        assert!(!left.exists(), "a leftover .part file must be swept at open");
+        assert!(cache.lookup(ABC, false).is_some());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    const ABC: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+
+    fn store(cache: &Cache, job: &str, data: &[u8]) -> String {
+        let (tmp, file) = cache.temp_file(job).unwrap();
+        fs::write(&tmp, data).unwrap();
+        let sha = hash_file(&tmp).unwrap();
+        cache.commit(&tmp, file, &sha, &format!("http://h/{job}")).unwrap();
+        sha
+    }
+
+    /// A truncated entry (size no longer matches its record) must never be
+    /// used; with --verify-cache a same-size corruption is caught too.
+    #[test]
+    fn damaged_entries_are_deleted_not_used() {
+        let dir = temp_dir("damaged");
+        let cache = Cache::open(&dir).unwrap();
+        let sha = store(&cache, "a", b"hello world");
+        fs::write(cache.entry_path(&sha), b"hello").unwrap();
+        assert!(cache.lookup(&sha, false).is_none());
+        assert!(!cache.entry_path(&sha).exists());
+
+        let sha = store(&cache, "b", b"hello world");
+        fs::write(cache.entry_path(&sha), b"HELLO WORLD").unwrap();
+        assert!(cache.lookup(&sha, false).is_some(), "same size passes the cheap check");
+        assert!(cache.lookup(&sha, true).is_none(), "the digest check catches it");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_eviction_takes_least_recently_used_and_spares_needed() {
+        let dir = temp_dir("evict");
+        let cache = Cache::open(&dir).unwrap();
+        let old = store(&cache, "old", &[1u8; 1000]);
+        let needed = store(&cache, "needed", &[2u8; 1000]);
+        let new = store(&cache, "new", &[3u8; 1000]);
+        let past = std::time::SystemTime::now() - Duration::from_secs(3600);
+        for (sha, age) in [(&needed, 3), (&old, 2), (&new, 1)] {
+            let f = File::options().write(true).open(cache.entry_path(sha)).unwrap();
+            f.set_modified(past - Duration::from_secs(age)).unwrap();
+        }
+        cache.evict(2000, &[], &["http://h/needed".to_string()]);
+        assert!(!cache.entry_path(&old).exists(), "the oldest entry no job needs goes first");
+        assert!(cache.entry_path(&needed).exists(), "an entry a job needs stays, though it is older");
+        assert!(cache.entry_path(&new).exists());
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -215,21 +361,13 @@ mod tests {
         let dir = temp_dir("flight");
         let cache = Cache::open(&dir).unwrap();
         let no = AtomicBool::new(false);
-        let Role::Leader(guard) = cache.join_flight("u") else {
-            panic!("first is leader")
-        };
-        let Role::Follower(f) = cache.join_flight("u") else {
-            panic!("second follows")
-        };
+        let Role::Leader(guard) = cache.join_flight("u") else { panic!("first is leader") };
+        let Role::Follower(f) = cache.join_flight("u") else { panic!("second follows") };
         guard.finish("d".into());
         assert_eq!(f.wait(&no, &mut |_, _| {}), Ok(Some("d".into())));
 
-        let Role::Leader(guard) = cache.join_flight("u") else {
-            panic!("flight was released")
-        };
-        let Role::Follower(f) = cache.join_flight("u") else {
-            panic!("second follows")
-        };
+        let Role::Leader(guard) = cache.join_flight("u") else { panic!("flight was released") };
+        let Role::Follower(f) = cache.join_flight("u") else { panic!("second follows") };
         drop(guard);
         assert_eq!(
             f.wait(&no, &mut |_, _| {}),

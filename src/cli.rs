@@ -65,10 +65,7 @@ pub struct Serve {
     pub cache_dir: String,
 
     /// state directory (default /var/lib/libvirt-volume-provisioner)
-    #[argh(
-        option,
-        default = "String::from(\"/var/lib/libvirt-volume-provisioner\")"
-    )]
+    #[argh(option, default = "String::from(\"/var/lib/libvirt-volume-provisioner\")")]
     pub state_dir: String,
 
     /// number of jobs that run at once (default 2)
@@ -102,6 +99,36 @@ pub struct Serve {
     /// seconds without a byte before an image download fails (default 60)
     #[argh(option, default = "60")]
     pub download_timeout: u64,
+
+    /// retries of a failed download: resets, stalls, 5xx (default 4)
+    #[argh(option, default = "4")]
+    pub download_retries: u32,
+
+    /// seconds before the first download retry, doubled each time (default 1)
+    #[argh(option, default = "1")]
+    pub retry_delay: u64,
+
+    /// finished jobs kept answerable by status (default 10000)
+    #[argh(option, default = "10000")]
+    pub keep_jobs: usize,
+
+    /// hours a finished job stays answerable by status (default 168)
+    #[argh(option, default = "168")]
+    pub keep_job_hours: u64,
+
+    /// seconds running jobs may finish after SIGTERM before they are
+    /// cancelled and rolled back (default 60)
+    #[argh(option, default = "60")]
+    pub shutdown_grace: u64,
+
+    /// largest total size of cached images in GiB; least recently used
+    /// entries are evicted past it (default: no limit)
+    #[argh(option)]
+    pub cache_max_gb: Option<u64>,
+
+    /// re-hash a cache entry before each use instead of checking its size
+    #[argh(switch)]
+    pub verify_cache: bool,
 }
 
 /// Manage API tokens.
@@ -158,11 +185,11 @@ mod tests {
         assert_eq!((s.workers, s.queue), (2, 64));
         assert_eq!(s.log_level, "info");
         assert!(!s.plain_http && !s.require_digest);
-        assert_eq!(
-            (s.max_connections, s.handshake_timeout, s.idle_timeout),
-            (128, 10, 60)
-        );
+        assert_eq!((s.max_connections, s.handshake_timeout, s.idle_timeout), (128, 10, 60));
         assert_eq!(s.download_timeout, 60);
+        assert_eq!((s.download_retries, s.retry_delay), (4, 1));
+        assert_eq!((s.keep_jobs, s.keep_job_hours, s.shutdown_grace), (10_000, 168, 60));
+        assert_eq!((s.cache_max_gb, s.verify_cache), (None, false));
     }
 
     #[test]
@@ -204,7 +231,23 @@ mod tests {
             "7",
             "--download-timeout",
             "8",
+            "--download-retries",
+            "9",
+            "--retry-delay",
+            "10",
+            "--keep-jobs",
+            "11",
+            "--keep-job-hours",
+            "12",
+            "--shutdown-grace",
+            "13",
+            "--cache-max-gb",
+            "14",
+            "--verify-cache",
         ]);
+        assert_eq!((s.download_retries, s.retry_delay), (9, 10));
+        assert_eq!((s.keep_jobs, s.keep_job_hours, s.shutdown_grace), (11, 12, 13));
+        assert_eq!((s.cache_max_gb, s.verify_cache), (Some(14), true));
         assert_eq!(s.listen, "127.0.0.1:9");
         assert_eq!(s.tls_cert.as_deref(), Some("c"));
         assert_eq!(s.tls_key.as_deref(), Some("k"));
@@ -216,10 +259,7 @@ mod tests {
         assert_eq!(s.volume_dir.as_deref(), Some("vd"));
         assert_eq!((s.cache_dir.as_str(), s.state_dir.as_str()), ("cd", "sd"));
         assert_eq!((s.workers, s.queue, s.max_connections), (3, 4, 5));
-        assert_eq!(
-            (s.handshake_timeout, s.idle_timeout, s.download_timeout),
-            (6, 7, 8)
-        );
+        assert_eq!((s.handshake_timeout, s.idle_timeout, s.download_timeout), (6, 7, 8));
         assert_eq!(s.log_level, "debug");
     }
 
@@ -231,13 +271,8 @@ mod tests {
 
     #[test]
     fn test_token_new_parses() {
-        match parse(&["token", "new", "ci", "--tokens", "/tmp/t"])
-            .unwrap()
-            .command
-        {
-            Command::Token(Token {
-                command: TokenCommand::New(t),
-            }) => {
+        match parse(&["token", "new", "ci", "--tokens", "/tmp/t"]).unwrap().command {
+            Command::Token(Token { command: TokenCommand::New(t) }) => {
                 assert_eq!((t.name.as_str(), t.tokens.as_str()), ("ci", "/tmp/t"));
             }
             other => panic!("expected token new, got {other:?}"),
@@ -265,9 +300,6 @@ mod tests {
                 }
             }
         }
-        assert!(
-            missing.is_empty(),
-            "flags missing from the man page: {missing:?}"
-        );
+        assert!(missing.is_empty(), "flags missing from the man page: {missing:?}");
     }
 }

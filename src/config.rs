@@ -40,6 +40,11 @@ pub struct Config {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub download_timeout: Duration,
+    pub retry: crate::fetch::RetryPolicy,
+    pub retention: crate::jobs::table::Retention,
+    pub shutdown_grace: Duration,
+    pub cache_max_bytes: Option<u64>,
+    pub verify_cache: bool,
     pub auth_summary: String,
 }
 
@@ -52,9 +57,9 @@ pub fn log_level(text: &str) -> Result<LevelFilter, String> {
         "info" => Ok(LevelFilter::Info),
         "debug" => Ok(LevelFilter::Debug),
         "trace" => Ok(LevelFilter::Trace),
-        other => Err(format!(
-            "--log-level {other:?} is not one of error, warn, info, debug, trace"
-        )),
+        other => {
+            Err(format!("--log-level {other:?} is not one of error, warn, info, debug, trace"))
+        }
     }
 }
 
@@ -69,39 +74,24 @@ impl Config {
         };
 
         let listen = cli.listen.parse::<SocketAddr>().map_err(|_| {
-            format!(
-                "--listen {:?} is not an address:port such as 0.0.0.0:8080",
-                cli.listen
-            )
+            format!("--listen {:?} is not an address:port such as 0.0.0.0:8080", cli.listen)
         });
         note(listen.as_ref().map(|_| ()).map_err(Clone::clone));
         note(log_level(&cli.log_level).map(|_| ()));
         note(range("--workers", cli.workers, 1, MAX_WORKERS));
         note(range("--queue", cli.queue, 1, MAX_QUEUE));
-        note(range(
-            "--max-connections",
-            cli.max_connections,
-            1,
-            MAX_CONNECTIONS,
-        ));
-        note(range(
-            "--handshake-timeout",
-            cli.handshake_timeout as usize,
-            1,
-            3600,
-        ));
-        note(range(
-            "--idle-timeout",
-            cli.idle_timeout as usize,
-            1,
-            86_400,
-        ));
-        note(range(
-            "--download-timeout",
-            cli.download_timeout as usize,
-            1,
-            86_400,
-        ));
+        note(range("--max-connections", cli.max_connections, 1, MAX_CONNECTIONS));
+        note(range("--handshake-timeout", cli.handshake_timeout as usize, 1, 3600));
+        note(range("--idle-timeout", cli.idle_timeout as usize, 1, 86_400));
+        note(range("--download-timeout", cli.download_timeout as usize, 1, 86_400));
+        note(range("--download-retries", cli.download_retries as usize, 0, 100));
+        note(range("--retry-delay", cli.retry_delay as usize, 0, 3600));
+        note(range("--keep-jobs", cli.keep_jobs, 1, 10_000_000));
+        note(range("--keep-job-hours", cli.keep_job_hours as usize, 1, 24 * 3650));
+        note(range("--shutdown-grace", cli.shutdown_grace as usize, 0, 86_400));
+        if let Some(gb) = cli.cache_max_gb {
+            note(range("--cache-max-gb", gb as usize, 1, 1 << 20));
+        }
 
         let tokens = match &cli.tokens {
             Some(path) => match TokenSet::load(Path::new(path)) {
@@ -234,6 +224,17 @@ impl Config {
             handshake_timeout: Duration::from_secs(cli.handshake_timeout),
             idle_timeout: Duration::from_secs(cli.idle_timeout),
             download_timeout: Duration::from_secs(cli.download_timeout),
+            retry: crate::fetch::RetryPolicy {
+                retries: cli.download_retries,
+                first_delay: Duration::from_secs(cli.retry_delay),
+            },
+            retention: crate::jobs::table::Retention {
+                max_finished: cli.keep_jobs,
+                max_age: Duration::from_secs(cli.keep_job_hours * 3600),
+            },
+            shutdown_grace: Duration::from_secs(cli.shutdown_grace),
+            cache_max_bytes: cli.cache_max_gb.map(|gb| gb << 30),
+            verify_cache: cli.verify_cache,
             auth_summary,
         })
     }

@@ -1,8 +1,16 @@
-//! Wiring: cache, backend, job table, workers, tiny_http on a private
-//! loopback socket, and the front door on the public address.
+//! Wiring and shutdown: journal replay and recovery, cache, backend,
+//! workers, tiny_http on a private loopback socket, the front door on the
+//! public address, and the drain on SIGTERM or SIGINT.
+//!
+//! Shutdown: stop accepting connections and jobs; cancel pending jobs;
+//! let running jobs finish for up to `--shutdown-grace`; then cancel them,
+//! so their workers roll them back and journal the result; then exit.
 
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use crate::cache::Cache;
 use crate::config::Config;
@@ -11,55 +19,70 @@ use crate::frontdoor::bridge::Limits;
 use crate::frontdoor::peers::PeerTable;
 use crate::frontdoor::FrontDoor;
 use crate::http::{self, Ctx};
-use crate::jobs::pipeline::Pipeline;
+use crate::jobs::pipeline::{recover_interrupted, Pipeline};
 use crate::jobs::queue::Queue;
 use crate::jobs::table::JobTable;
+use crate::jobs::Status;
 
 /// Threads answering HTTP requests. Handlers never block on I/O beyond
-/// reading a small body, so a few serve many connections.
+/// reading a small body and one journal write, so a few serve many
+/// connections.
 const HTTP_THREADS: usize = 4;
 
-/// Runs the daemon until the process is stopped. Returns only on a fatal
-/// start-up error.
+/// How long cancelled jobs get to roll back before the daemon exits anyway.
+const ROLLBACK_GRACE: Duration = Duration::from_secs(60);
+
+/// Runs the daemon until SIGTERM or SIGINT has been handled. Returns an
+/// error only for a fatal start-up problem.
 pub fn run(config: Config) -> Result<(), String> {
+    let started = Instant::now();
+    let (table, interrupted) = JobTable::open(&config.state_dir, config.retention)
+        .map_err(|e| format!("--state-dir {}: cannot read the job journal: {e}", config.state_dir.display()))?;
+    let table = Arc::new(table);
     let cache = Cache::open(&config.cache_dir)
         .map_err(|e| format!("--cache-dir {}: {e}", config.cache_dir.display()))?;
-    let table = Arc::new(JobTable::default());
+    if !interrupted.is_empty() {
+        log::warn!("{} jobs were interrupted by the last stop; undoing them", interrupted.len());
+        recover_interrupted(&table, config.backend.as_ref(), interrupted);
+    }
+    log::info!("job journal replayed in {} ms", started.elapsed().as_millis());
+
     let pipeline = Arc::new(Pipeline {
         table: Arc::clone(&table),
         cache,
         backend: config.backend,
-        fetcher: Fetcher::new(config.download_timeout),
+        fetcher: Fetcher::new(config.download_timeout, config.retry),
         require_digest: config.require_digest,
+        verify_cache: config.verify_cache,
+        cache_max_bytes: config.cache_max_bytes,
     });
     let backend_kind = pipeline.backend.kind();
-    let (queue, _workers) = Queue::start(config.workers, config.queue, Arc::clone(&pipeline));
+    let (queue, workers) = Queue::start(config.workers, config.queue, Arc::clone(&pipeline));
 
     let server = tiny_http::Server::http("127.0.0.1:0")
         .map_err(|e| format!("cannot open the private HTTP socket on 127.0.0.1: {e}"))?;
-    let backend_addr = server
-        .server_addr()
-        .to_ip()
-        .ok_or("the private HTTP socket has no IP address")?;
+    let backend_addr =
+        server.server_addr().to_ip().ok_or("the private HTTP socket has no IP address")?;
     let server = Arc::new(server);
     let peers = Arc::new(PeerTable::default());
     let ctx = Arc::new(Ctx {
-        table,
+        table: Arc::clone(&table),
         queue,
         peers: Arc::clone(&peers),
         tokens: config.tokens,
+        shutting_down: AtomicBool::new(false),
     });
-    let _http = http::start(server, ctx, HTTP_THREADS);
+    let _http = http::start(server, Arc::clone(&ctx), HTTP_THREADS);
 
     let listener = TcpListener::bind(config.listen)
         .map_err(|e| format!("--listen {}: cannot listen ({e})", config.listen))?;
-    let scheme = if config.tls.is_some() {
-        "https"
-    } else {
-        "http"
-    };
+    let stop = Arc::new(AtomicBool::new(false));
+    watch_signals(Arc::clone(&stop))?;
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
     if config.tls.is_none() {
-        log::warn!("serving plain HTTP (--plain-http): for development only; tokens cross the network in clear");
+        log::warn!(
+            "serving plain HTTP (--plain-http): for development only; tokens cross the network in clear"
+        );
     }
     log::info!(
         "listening on {scheme}://{} ({}); backend {backend_kind}; cache {}; state {}; {} workers, queue {}",
@@ -70,17 +93,68 @@ pub fn run(config: Config) -> Result<(), String> {
         config.workers,
         config.queue,
     );
-    FrontDoor {
+    let door = FrontDoor {
         listener,
         tls: config.tls,
         backend: backend_addr,
         peers,
-        limits: Limits {
-            handshake: config.handshake_timeout,
-            idle: config.idle_timeout,
-        },
+        limits: Limits { handshake: config.handshake_timeout, idle: config.idle_timeout },
         max_connections: config.max_connections,
-    }
-    .run();
+    };
+    door.run(&stop);
+
+    drain(&ctx, config.shutdown_grace);
+    // Every job is final and journaled (or reported above); idle workers
+    // and HTTP threads end with the process.
+    drop(workers);
+    log::info!("stopped");
     Ok(())
+}
+
+/// Sets `stop` on the first SIGTERM or SIGINT.
+fn watch_signals(stop: Arc<AtomicBool>) -> Result<(), String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+                log::info!("{name} received: draining");
+                stop.store(true, Ordering::SeqCst);
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    Ok(())
+}
+
+/// Refuses new jobs, cancels pending ones, waits `grace` for running ones,
+/// then cancels those and waits for their rollback.
+fn drain(ctx: &Ctx, grace: Duration) {
+    ctx.shutting_down.store(true, Ordering::SeqCst);
+    for (id, status) in ctx.table.active() {
+        if status == Status::Pending {
+            let _ = ctx.table.cancel_with(id, "the daemon shut down before the job started");
+        }
+    }
+    let running = || ctx.table.active().into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+    let deadline = Instant::now() + grace;
+    while !running().is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let left = running();
+    if !left.is_empty() {
+        log::warn!("{} jobs still running after the grace period: cancelling them", left.len());
+        for id in &left {
+            let _ = ctx.table.cancel(*id);
+        }
+        let deadline = Instant::now() + ROLLBACK_GRACE;
+        while !running().is_empty() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(100));
+        }
+        for id in running() {
+            log::error!("job {id} did not finish its rollback; the next start marks it failed and undoes it");
+        }
+    }
 }

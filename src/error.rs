@@ -28,11 +28,7 @@ pub struct ErrorBody<'a> {
 
 impl ApiError {
     fn new(status: u16, code: &'static str, details: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            details: details.into(),
-        }
+        ApiError { status, code, details: details.into() }
     }
 
     /// The request body is not valid JSON.
@@ -47,11 +43,7 @@ impl ApiError {
 
     /// The request body is larger than the API accepts.
     pub fn body_too_large(limit: usize) -> Self {
-        Self::new(
-            400,
-            "body_too_large",
-            format!("request body is larger than {limit} bytes"),
-        )
+        Self::new(400, "body_too_large", format!("request body is larger than {limit} bytes"))
     }
 
     /// No client certificate and no valid token.
@@ -74,6 +66,11 @@ impl ApiError {
         Self::new(409, "job_finished", details)
     }
 
+    /// The `Idempotency-Key` was used before with a different request.
+    pub fn idempotency_conflict(details: impl Into<String>) -> Self {
+        Self::new(409, "idempotency_conflict", details)
+    }
+
     /// Another pending or running job already targets this volume.
     pub fn volume_busy(details: impl Into<String>) -> Self {
         Self::new(409, "volume_busy", details)
@@ -86,20 +83,22 @@ impl ApiError {
 
     /// The request head did not end within the front door's limit.
     pub fn header_too_large(limit: usize) -> Self {
-        Self::new(
-            431,
-            "header_too_large",
-            format!("request head is larger than {limit} bytes"),
-        )
+        Self::new(431, "header_too_large", format!("request head is larger than {limit} bytes"))
     }
 
     /// The front door holds its maximum of open connections.
     pub fn too_many_connections() -> Self {
-        Self::new(
-            503,
-            "too_many_connections",
-            "too many open connections; retry shortly",
-        )
+        Self::new(503, "too_many_connections", "too many open connections; retry shortly")
+    }
+
+    /// Something on our side broke; the details say what.
+    pub fn internal(details: impl Into<String>) -> Self {
+        Self::new(500, "internal", details)
+    }
+
+    /// The daemon is stopping and takes no new jobs.
+    pub fn shutting_down() -> Self {
+        Self::new(503, "shutting_down", "the daemon is shutting down; retry on restart")
     }
 
     /// The job queue is full; the client should retry later.
@@ -109,11 +108,7 @@ impl ApiError {
 
     /// The JSON body of this error.
     pub fn body(&self, correlation_id: Option<&str>) -> Vec<u8> {
-        let body = ErrorBody {
-            error: self.code,
-            details: &self.details,
-            correlation_id,
-        };
+        let body = ErrorBody { error: self.code, details: &self.details, correlation_id };
         serde_json::to_vec(&body).expect("error body serializes")
     }
 }
@@ -156,14 +151,11 @@ mod tests {
             (ApiError::not_found(""), 404, "not_found"),
             (ApiError::method_not_allowed(""), 405, "method_not_allowed"),
             (ApiError::job_finished(""), 409, "job_finished"),
+            (ApiError::idempotency_conflict(""), 409, "idempotency_conflict"),
             (ApiError::volume_busy(""), 409, "volume_busy"),
             (ApiError::length_required(""), 411, "length_required"),
             (ApiError::header_too_large(1), 431, "header_too_large"),
-            (
-                ApiError::too_many_connections(),
-                503,
-                "too_many_connections",
-            ),
+            (ApiError::too_many_connections(), 503, "too_many_connections"),
             (ApiError::queue_full(""), 503, "queue_full"),
         ];
         for (err, status, code) in table {

@@ -20,7 +20,9 @@ pub mod tls;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 use std::sync::Arc;
 use std::thread;
 
@@ -29,6 +31,16 @@ use rustls::ServerConfig;
 use crate::error::ApiError;
 use bridge::{Bridge, Limits};
 use peers::PeerTable;
+
+/// How often the acceptor looks at the stop flag while idle.
+const ACCEPT_POLL: Duration = Duration::from_millis(200);
+
+/// Waits until `listener` has a connection or `timeout` passes.
+fn wait_readable(listener: &TcpListener, timeout: Duration) {
+    let mut fd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd; the result only decides whether to loop.
+    unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as libc::c_int) };
+}
 
 pub struct FrontDoor {
     pub listener: TcpListener,
@@ -40,27 +52,36 @@ pub struct FrontDoor {
 }
 
 impl FrontDoor {
-    /// Accepts connections forever on the calling thread.
-    pub fn run(self) {
+    /// Accepts connections on the calling thread until `stop` is set;
+    /// then closes the listener. Open connections run on until they end.
+    pub fn run(self, stop: &AtomicBool) {
         let open = Arc::new(AtomicUsize::new(0));
-        for stream in self.listener.incoming() {
-            let stream = match stream {
-                Ok(s) => s,
+        if let Err(e) = self.listener.set_nonblocking(true) {
+            log::error!("cannot make the listener non-blocking: {e}");
+            return;
+        }
+        while !stop.load(Ordering::SeqCst) {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    wait_readable(&self.listener, ACCEPT_POLL);
+                    continue;
+                }
                 Err(e) => {
                     log::debug!("accept failed: {e}");
                     continue;
                 }
             };
+            if stream.set_nonblocking(false).is_err() {
+                continue;
+            }
             let remote = match stream.peer_addr() {
                 Ok(a) => a,
                 Err(_) => continue,
             };
             if open.fetch_add(1, Ordering::SeqCst) >= self.max_connections {
                 open.fetch_sub(1, Ordering::SeqCst);
-                log::debug!(
-                    "refusing connection from {remote}: {} open",
-                    self.max_connections
-                );
+                log::debug!("refusing connection from {remote}: {} open", self.max_connections);
                 if self.tls.is_none() {
                     // Plain HTTP can be told why; a TLS client just sees the close.
                     let busy = ApiError::too_many_connections();

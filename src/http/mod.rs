@@ -11,6 +11,7 @@
 pub mod routes;
 
 use std::io::Read;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Instant;
@@ -31,24 +32,48 @@ pub struct Ctx {
     pub queue: Queue,
     pub peers: Arc<PeerTable>,
     pub tokens: Option<TokenSet>,
+    /// Set on SIGTERM: no new jobs are accepted.
+    pub shutting_down: AtomicBool,
+}
+
+/// A request as handlers see it.
+pub struct Req<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub headers: &'a [Header],
+    pub body: &'a [u8],
+}
+
+impl Req<'_> {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
+            .map(|h| h.value.as_str())
+    }
 }
 
 /// A handler's answer before it becomes a tiny_http response.
 pub struct Reply {
     pub status: u16,
     pub body: Option<Vec<u8>>,
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl Reply {
     pub fn json(status: u16, value: &impl serde::Serialize) -> Reply {
-        Reply {
-            status,
-            body: Some(serde_json::to_vec(value).expect("reply serializes")),
-        }
+        let body = serde_json::to_vec(value).expect("reply serializes");
+        Reply { status, body: Some(body), headers: Vec::new() }
     }
 
     pub fn empty(status: u16) -> Reply {
-        Reply { status, body: None }
+        Reply { status, body: None, headers: Vec::new() }
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
+        self.headers.push((name, value.into()));
+        self
     }
 }
 
@@ -60,18 +85,21 @@ pub struct Failure {
 
 impl From<ApiError> for Failure {
     fn from(error: ApiError) -> Failure {
-        Failure {
-            error,
-            correlation_id: None,
-        }
+        Failure { error, correlation_id: None }
     }
 }
 
+/// What a 503 tells a client to wait before retrying.
+const RETRY_AFTER_SECS: u32 = 5;
+
 impl From<Failure> for Reply {
     fn from(f: Failure) -> Reply {
-        Reply {
-            status: f.error.status,
-            body: Some(f.error.body(f.correlation_id.as_deref())),
+        let body = f.error.body(f.correlation_id.as_deref());
+        let reply = Reply { status: f.error.status, body: Some(body), headers: Vec::new() };
+        match f.error.status {
+            401 => reply.with_header("WWW-Authenticate", "Bearer"),
+            503 => reply.with_header("Retry-After", RETRY_AFTER_SECS.to_string()),
+            _ => reply,
         }
     }
 }
@@ -99,19 +127,16 @@ fn handle(ctx: &Ctx, mut request: tiny_http::Request) {
     let request_id = uuid::Uuid::new_v4().to_string();
     let method = request.method().as_str().to_string();
     let path = request.url().split('?').next().unwrap_or("").to_string();
-    let identity = auth::identify(
-        &ctx.peers,
-        ctx.tokens.as_ref(),
-        request.remote_addr(),
-        request.headers(),
-    );
+    let identity =
+        auth::identify(&ctx.peers, ctx.tokens.as_ref(), request.remote_addr(), request.headers());
     let reply = match &identity {
         Err(e) => Reply::from(Failure::from(e.clone())),
         Ok(_) => match read_body(&mut request) {
-            Ok(body) => match routes::route(ctx, &method, &path, &body) {
-                Ok(reply) => reply,
-                Err(failure) => failure.into(),
-            },
+            Ok(body) => {
+                let req =
+                    Req { method: &method, path: &path, headers: request.headers(), body: &body };
+                routes::route(ctx, &req).unwrap_or_else(Reply::from)
+            }
             Err(e) => Failure::from(e).into(),
         },
     };
@@ -124,8 +149,8 @@ fn handle(ctx: &Ctx, mut request: tiny_http::Request) {
     }
     .with_status_code(status)
     .with_header(header("X-Request-ID", &request_id));
-    if status == 401 {
-        response = response.with_header(header("WWW-Authenticate", "Bearer"));
+    for (name, value) in &reply.headers {
+        response = response.with_header(header(name, value));
     }
     let caller = match &identity {
         Ok(id) => id.to_string(),

@@ -1,13 +1,14 @@
 //! The one table of routes: (method, path) → handler.
 
-use super::{Ctx, Failure, Reply};
+use super::{Ctx, Failure, Reply, Req};
 use crate::api::{cancel, health, provision, status};
 use crate::error::ApiError;
 
-pub fn route(ctx: &Ctx, method: &str, path: &str, body: &[u8]) -> Result<Reply, Failure> {
+pub fn route(ctx: &Ctx, req: &Req) -> Result<Reply, Failure> {
+    let (method, path) = (req.method, req.path);
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
-        ("POST", ["api", "v1", "provision"]) => provision::handle(ctx, body),
+        ("POST", ["api", "v1", "provision"]) => provision::handle(ctx, req),
         ("GET", ["api", "v1", "status", id]) => status::handle(ctx, id),
         ("DELETE", ["api", "v1", "cancel", id]) => cancel::handle(ctx, id),
         ("GET", ["health"]) => Ok(health::handle(ctx)),

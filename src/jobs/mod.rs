@@ -10,6 +10,7 @@
 //! get a [`JobView`] copy. `percent` never goes backwards over a job's life;
 //! `bytes_processed`/`bytes_total` describe the current stage.
 
+pub mod journal;
 pub mod pipeline;
 pub mod queue;
 pub mod table;
@@ -98,10 +99,36 @@ impl fmt::Display for Stage {
     }
 }
 
-/// One job, as the table holds it.
-#[derive(Debug)]
+/// What a job did to its volume, journaled before and after the act so
+/// that recovery after a crash knows what to undo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeMark {
+    /// The job has not touched a volume.
+    #[default]
+    Untouched,
+    /// The job found no volume and is about to create one.
+    Intent,
+    /// The job created the volume: failure or restart removes it.
+    Created,
+    /// The job reuses a volume that existed before: it is never removed.
+    Reused,
+}
+
+/// The `Idempotency-Key` a job was submitted with, and the SHA-256 of the
+/// body that came with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Idempotency {
+    pub key: String,
+    pub body_sha256: String,
+}
+
+/// One job, as the table holds it and the journal records it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Job {
     pub id: JobId,
+    /// Bumped on every journaled change; replay keeps the highest.
+    pub seq: u64,
     pub request: JobRequest,
     pub status: Status,
     pub progress: ProgressView,
@@ -109,10 +136,17 @@ pub struct Job {
     pub image_path: Option<String>,
     pub image_sha256: Option<String>,
     pub volume_path: Option<String>,
+    #[serde(default)]
+    pub volume_mark: VolumeMark,
     pub error: Option<String>,
     pub created_at: SystemTime,
     pub started_at: Option<SystemTime>,
     pub finished_at: Option<SystemTime>,
+    #[serde(default)]
+    pub idempotency: Option<Idempotency>,
+    /// Set to stop the job; not persisted (a restarted daemon has no
+    /// running jobs to stop).
+    #[serde(skip)]
     pub cancel: Arc<AtomicBool>,
 }
 
@@ -141,6 +175,7 @@ impl Job {
     pub fn new(id: JobId, request: JobRequest) -> Job {
         Job {
             id,
+            seq: 0,
             request,
             status: Status::Pending,
             progress: ProgressView {
@@ -153,20 +188,19 @@ impl Job {
             image_path: None,
             image_sha256: None,
             volume_path: None,
+            volume_mark: VolumeMark::Untouched,
             error: None,
             created_at: SystemTime::now(),
             started_at: None,
             finished_at: None,
+            idempotency: None,
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }
 
     /// The label logs and responses use: the caller's, else the job id.
     pub fn correlation_id(&self) -> String {
-        self.request
-            .correlation_id
-            .clone()
-            .unwrap_or_else(|| self.id.to_string())
+        self.request.correlation_id.clone().unwrap_or_else(|| self.id.to_string())
     }
 
     pub fn view(&self) -> JobView {
@@ -201,13 +235,7 @@ pub struct JobCtx<'a> {
 impl fmt::Display for JobCtx<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let id = self.id.simple().to_string();
-        write!(
-            f,
-            "job={} corr={} vol={}",
-            &id[..8],
-            clean_label(self.correlation),
-            self.volume
-        )
+        write!(f, "job={} corr={} vol={}", &id[..8], clean_label(self.correlation), self.volume)
     }
 }
 

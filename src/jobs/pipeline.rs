@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::table::JobTable;
-use super::{JobCtx, JobId, Stage, Status};
+use super::{JobCtx, JobId, Stage, Status, VolumeMark};
 use crate::api::{ImageType, JobRequest};
 use crate::cache::{Cache, Role};
 use crate::error::chain;
@@ -40,6 +40,10 @@ pub struct Pipeline {
     pub backend: Box<dyn VolumeBackend>,
     pub fetcher: Fetcher,
     pub require_digest: bool,
+    /// Re-hash cache entries before use (`--verify-cache`).
+    pub verify_cache: bool,
+    /// Evict least recently used entries past this size (`--cache-max-gb`).
+    pub cache_max_bytes: Option<u64>,
 }
 
 /// Why a job stopped.
@@ -51,19 +55,11 @@ struct Stop {
 
 impl Stop {
     fn fail(stage: Stage, message: impl Into<String>) -> Stop {
-        Stop {
-            stage,
-            message: message.into(),
-            cancelled: false,
-        }
+        Stop { stage, message: message.into(), cancelled: false }
     }
 
     fn cancelled(stage: Stage) -> Stop {
-        Stop {
-            stage,
-            message: "cancelled by request".into(),
-            cancelled: true,
-        }
+        Stop { stage, message: "cancelled by request".into(), cancelled: true }
     }
 }
 
@@ -83,16 +79,9 @@ impl Pipeline {
         };
         let correlation = req.correlation_id.clone().unwrap_or_else(|| id.to_string());
         let volume = self.backend.describe(&req.volume_name);
-        let ctx = JobCtx {
-            id,
-            correlation: &correlation,
-            volume: &volume,
-        };
+        let ctx = JobCtx { id, correlation: &correlation, volume: &volume };
         let started = Instant::now();
-        log::info!(
-            "{ctx} stage=queued: started, image {}",
-            redact(&req.image_url)
-        );
+        log::info!("{ctx} stage=queued: started, image {}", redact(&req.image_url));
         let mut undo = Undo::default();
         let outcome = self.stages(id, &ctx, &req, &cancel, &mut undo);
         let secs = started.elapsed().as_secs_f64();
@@ -103,22 +92,12 @@ impl Pipeline {
             }
             Err(stop) => {
                 let rollback = self.roll_back(&ctx, undo);
-                let status = if stop.cancelled {
-                    Status::Cancelled
-                } else {
-                    Status::Failed
-                };
+                let status = if stop.cancelled { Status::Cancelled } else { Status::Failed };
                 let error = format!("{}: {}{rollback}", stop.stage, stop.message);
                 if stop.cancelled {
-                    log::info!(
-                        "{ctx} stage={}: cancelled after {secs:.1}s{rollback}",
-                        stop.stage
-                    );
+                    log::info!("{ctx} stage={}: cancelled after {secs:.1}s{rollback}", stop.stage);
                 } else {
-                    log::error!(
-                        "{ctx} stage={}: job failed after {secs:.1}s: {error}",
-                        stop.stage
-                    );
+                    log::error!("{ctx} stage={}: job failed after {secs:.1}s: {error}", stop.stage);
                 }
                 self.table.finish(id, status, Some(error));
             }
@@ -152,13 +131,27 @@ impl Pipeline {
         check(Stage::CreatingVolume)?;
 
         self.enter(id, ctx, Stage::CreatingVolume);
+        // The intent is journaled before the volume exists, so that a
+        // restart after a crash in between knows the volume may be ours.
+        let mut record_intent = || {
+            self.table
+                .update_durably(id, |j| j.volume_mark = VolumeMark::Intent)
+                .map_err(|e| format!("cannot journal the intent to create it ({e})"))
+        };
         let volume = self
             .backend
-            .prepare(&req.volume_name, req.volume_bytes(), &id.to_string())
+            .prepare(&req.volume_name, req.volume_bytes(), &id.to_string(), &mut record_intent)
             .map_err(|e| Stop::fail(Stage::CreatingVolume, chain(&e)))?;
-        let path = volume.path.display().to_string();
-        self.table.update(id, |j| j.volume_path = Some(path));
         undo.volume = Some(volume.clone());
+        let path = volume.path.display().to_string();
+        let mark = if volume.created { VolumeMark::Created } else { VolumeMark::Reused };
+        let recorded = self.table.update_durably(id, |j| {
+            j.volume_path = Some(path);
+            j.volume_mark = mark;
+        });
+        if let Err(e) = recorded {
+            log::error!("{ctx}: could not journal the volume's state: {e}");
+        }
         if info.virtual_size > volume.size {
             return Err(Stop::fail(
                 Stage::CreatingVolume,
@@ -198,14 +191,18 @@ impl Pipeline {
             ImageType::Qcow2 => total,
             ImageType::Raw => image_len,
         };
-        self.table
-            .progress(id, Stage::Finalizing, written, Some(written));
+        self.table.progress(id, Stage::Finalizing, written, Some(written));
         Ok(())
     }
 
+    /// Moves the job to `stage`, journaled, so that a restart can say
+    /// where the job was interrupted.
     fn enter(&self, id: JobId, ctx: &JobCtx, stage: Stage) {
         log::info!("{ctx} stage={stage}: entered");
         self.table.progress(id, stage, 0, None);
+        if let Err(e) = self.table.update_durably(id, |_| {}) {
+            log::error!("{ctx}: could not journal the stage change: {e}");
+        }
     }
 
     /// Stage 1: the verified cache entry for the request's image, and its
@@ -240,7 +237,7 @@ impl Pipeline {
             ));
         }
         if let Some(digest) = &expected {
-            if let Some(entry) = self.cache.lookup(digest) {
+            if let Some(entry) = self.cache.lookup(digest, self.verify_cache) {
                 log::info!("{ctx} stage=downloading: cache hit {digest}");
                 return Ok(self.use_entry(id, entry, digest, true));
             }
@@ -262,9 +259,7 @@ impl Pipeline {
                         .fetcher
                         .download(&req.image_url, &mut file, cancel, &mut |done, total| {
                             flight.bytes_done.store(done, Ordering::Relaxed);
-                            flight
-                                .bytes_total
-                                .store(total.unwrap_or(u64::MAX), Ordering::Relaxed);
+                            flight.bytes_total.store(total.unwrap_or(u64::MAX), Ordering::Relaxed);
                             self.table.progress(id, stage, done, total);
                         })
                         .map_err(|e| match e {
@@ -287,7 +282,7 @@ impl Pipeline {
                     }
                     let entry = self
                         .cache
-                        .commit(&temp, file, &got.sha256)
+                        .commit(&temp, file, &got.sha256, &req.image_url)
                         .map_err(|e| Stop::fail(stage, format!("store image in the cache: {e}")))?;
                     undo.temp_file = None;
                     log::info!(
@@ -296,7 +291,12 @@ impl Pipeline {
                         entry.display()
                     );
                     guard.finish(got.sha256.clone());
-                    return Ok(self.use_entry(id, entry, &got.sha256, false));
+                    let image = self.use_entry(id, entry, &got.sha256, false);
+                    if let Some(max) = self.cache_max_bytes {
+                        let (digests, urls) = self.table.images_in_use();
+                        self.cache.evict(max, &digests, &urls);
+                    }
+                    return Ok(image);
                 }
                 Role::Follower(flight) => {
                     log::info!(
@@ -320,16 +320,13 @@ impl Pipeline {
                             ));
                         }
                     }
-                    if let Some(entry) = self.cache.lookup(&digest) {
+                    if let Some(entry) = self.cache.lookup(&digest, self.verify_cache) {
                         return Ok(self.use_entry(id, entry, &digest, false));
                     }
                 }
             }
         }
-        Err(Stop::fail(
-            stage,
-            "the shared download of this image failed repeatedly",
-        ))
+        Err(Stop::fail(stage, "the shared download of this image failed repeatedly"))
     }
 
     fn use_entry(&self, id: JobId, entry: PathBuf, digest: &str, hit: bool) -> (PathBuf, u64) {
@@ -350,10 +347,7 @@ impl Pipeline {
     fn roll_back(&self, ctx: &JobCtx, undo: Undo) -> String {
         if let Some(temp) = undo.temp_file {
             if let Err(e) = fs::remove_file(&temp) {
-                log::error!(
-                    "{ctx}: could not remove {}: {e}; remove it by hand",
-                    temp.display()
-                );
+                log::error!("{ctx}: could not remove {}: {e}; remove it by hand", temp.display());
             }
         }
         match undo.volume {
@@ -374,5 +368,47 @@ impl Pipeline {
                 }
             },
         }
+    }
+}
+
+/// Marks jobs that a previous daemon left pending or running as failed,
+/// after undoing what they half did: a volume they created, or were about
+/// to create, is removed (an LV only if it carries the job's tag). Their
+/// partial downloads were already swept when the cache was opened.
+pub fn recover_interrupted(table: &JobTable, backend: &dyn VolumeBackend, jobs: Vec<super::Job>) {
+    for job in jobs {
+        let stage = job.progress.stage;
+        let name = &job.request.volume_name;
+        let undone = match job.volume_mark {
+            VolumeMark::Untouched => String::new(),
+            VolumeMark::Reused => {
+                "; the volume existed before the job and was left in place (it may hold a \
+                 partly written image)"
+                    .to_string()
+            }
+            VolumeMark::Intent | VolumeMark::Created => {
+                match backend.remove_after_restart(name, &job.id.to_string()) {
+                    Ok(true) => "; the volume it created was removed".to_string(),
+                    Ok(false) => "; it had created no volume".to_string(),
+                    Err(e) => {
+                        log::error!(
+                            "could not remove volume {} left by interrupted job {}: {}; remove it by hand",
+                            backend.describe(name),
+                            job.id,
+                            chain(&e)
+                        );
+                        format!("; removing the volume it created failed: {}", chain(&e))
+                    }
+                }
+            }
+        };
+        let was = if job.status == Status::Pending {
+            "waiting to start".to_string()
+        } else {
+            format!("at stage {stage}")
+        };
+        let error = format!("{stage}: the daemon restarted while the job was {was}{undone}");
+        log::warn!("job {} interrupted by a restart: {error}", job.id);
+        table.recover(job.id, error);
     }
 }

@@ -18,9 +18,7 @@ pub struct DirBackend {
 impl DirBackend {
     pub fn new(dir: &Path) -> io::Result<DirBackend> {
         fs::create_dir_all(dir)?;
-        Ok(DirBackend {
-            dir: dir.canonicalize()?,
-        })
+        Ok(DirBackend { dir: dir.canonicalize()? })
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -37,7 +35,13 @@ impl VolumeBackend for DirBackend {
         self.path(name).display().to_string()
     }
 
-    fn prepare(&self, name: &str, size: u64, _job: &str) -> Result<Volume, VolumeError> {
+    fn prepare(
+        &self,
+        name: &str,
+        size: u64,
+        _job: &str,
+        before_create: &mut dyn FnMut() -> Result<(), String>,
+    ) -> Result<Volume, VolumeError> {
         let path = self.path(name);
         let shown = path.display().to_string();
         match fs::symlink_metadata(&path) {
@@ -54,10 +58,7 @@ impl VolumeBackend for DirBackend {
                 if !size_is_reusable(meta.len(), size) {
                     return Err(VolumeError::size_mismatch(&shown, meta.len(), size));
                 }
-                log::info!(
-                    "reusing existing volume file {shown} ({} bytes)",
-                    meta.len()
-                );
+                log::info!("reusing existing volume file {shown} ({} bytes)", meta.len());
                 Ok(Volume {
                     name: name.into(),
                     path,
@@ -67,6 +68,7 @@ impl VolumeBackend for DirBackend {
                 })
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                before_create().map_err(|why| VolumeError::refused(&shown, "create", why))?;
                 let file = OpenOptions::new()
                     .write(true)
                     .create_new(true)
@@ -81,14 +83,26 @@ impl VolumeBackend for DirBackend {
                     return Err(VolumeError::backend(&shown, "create", e));
                 }
                 log::info!("created volume file {shown} ({size} bytes, sparse)");
-                Ok(Volume {
-                    name: name.into(),
-                    path,
-                    size,
-                    created: true,
-                    reads_as_zero: true,
-                })
+                Ok(Volume { name: name.into(), path, size, created: true, reads_as_zero: true })
             }
+            Err(e) => Err(VolumeError::backend(&shown, "look up", e)),
+        }
+    }
+
+    /// A file cannot carry an owner tag, so the journal's record that the
+    /// job created (or was about to create) it is the proof. The job
+    /// created the file with O_EXCL after seeing no file there.
+    fn remove_after_restart(&self, name: &str, _job: &str) -> Result<bool, VolumeError> {
+        let path = self.path(name);
+        let shown = path.display().to_string();
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_file() => {
+                fs::remove_file(&path).map_err(|e| VolumeError::backend(&shown, "remove", e))?;
+                log::info!("removed volume file {shown} left by an interrupted job");
+                Ok(true)
+            }
+            Ok(_) => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(VolumeError::backend(&shown, "look up", e)),
         }
     }
@@ -137,18 +151,18 @@ mod tests {
     #[test]
     fn test_create_then_reuse_then_refuse() {
         let (b, dir) = backend("reuse");
-        let v = b.prepare("vm-1", 1 << 20, "j").unwrap();
+        let v = b.prepare("vm-1", 1 << 20, "j", &mut || Ok(())).unwrap();
         assert!(v.created && v.reads_as_zero);
         assert_eq!(fs::metadata(&v.path).unwrap().len(), 1 << 20);
 
-        let again = b.prepare("vm-1", 1 << 20, "j").unwrap();
+        let again = b.prepare("vm-1", 1 << 20, "j", &mut || Ok(())).unwrap();
         assert!(!again.created && !again.reads_as_zero);
 
-        let err = b.prepare("vm-1", 4 << 20, "j").unwrap_err();
+        let err = b.prepare("vm-1", 4 << 20, "j", &mut || Ok(())).unwrap_err();
         assert_eq!(err.kind, VolumeErrorKind::SizeMismatch);
 
         let _held = File::open(&v.path).unwrap();
-        let err = b.prepare("vm-1", 1 << 20, "j").unwrap_err();
+        let err = b.prepare("vm-1", 1 << 20, "j", &mut || Ok(())).unwrap_err();
         assert_eq!(err.kind, VolumeErrorKind::InUse, "{err}");
         fs::remove_dir_all(&dir).unwrap();
     }
@@ -157,12 +171,9 @@ mod tests {
     fn test_symlink_is_refused() {
         let (b, dir) = backend("link");
         std::os::unix::fs::symlink("/etc/hostname", dir.join("evil")).unwrap();
-        let err = b.prepare("evil", 1 << 20, "j").unwrap_err();
+        let err = b.prepare("evil", 1 << 20, "j", &mut || Ok(())).unwrap_err();
         assert_eq!(err.kind, VolumeErrorKind::NotAVolume);
-        assert!(
-            fs::read_link(dir.join("evil")).is_ok(),
-            "the link is left alone"
-        );
+        assert!(fs::read_link(dir.join("evil")).is_ok(), "the link is left alone");
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -106,7 +106,13 @@ impl VolumeBackend for LvmBackend {
         format!("{}/{name}", self.vg)
     }
 
-    fn prepare(&self, name: &str, size: u64, job: &str) -> Result<Volume, VolumeError> {
+    fn prepare(
+        &self,
+        name: &str,
+        size: u64,
+        job: &str,
+        before_create: &mut dyn FnMut() -> Result<(), String>,
+    ) -> Result<Volume, VolumeError> {
         let shown = self.describe(name);
         if let Some(lv) = self.find(name)? {
             if lv.is_open() {
@@ -115,10 +121,7 @@ impl VolumeBackend for LvmBackend {
             if !size_is_reusable(lv.size, size) {
                 return Err(VolumeError::size_mismatch(&shown, lv.size, size));
             }
-            log::info!(
-                "reusing existing logical volume {shown} ({} bytes)",
-                lv.size
-            );
+            log::info!("reusing existing logical volume {shown} ({} bytes)", lv.size);
             return Ok(Volume {
                 name: name.into(),
                 path: self.device(name),
@@ -127,6 +130,7 @@ impl VolumeBackend for LvmBackend {
                 reads_as_zero: false,
             });
         }
+        before_create().map_err(|why| VolumeError::refused(&shown, "create", why))?;
         cmd::run(&lvcreate_argv(&self.vg, name, size, job))
             .map_err(|e| VolumeError::backend(&shown, "create", e))?;
         log::info!("created logical volume {shown} ({size} bytes)");
@@ -142,6 +146,26 @@ impl VolumeBackend for LvmBackend {
             created: true,
             reads_as_zero: false,
         })
+    }
+
+    /// Only an LV carrying this job's tag is removed: the tag proves the
+    /// job created it, whatever the journal says.
+    fn remove_after_restart(&self, name: &str, job: &str) -> Result<bool, VolumeError> {
+        let shown = self.describe(name);
+        let job_tag = format!("lvp-job-{job}");
+        match self.find(name)? {
+            Some(lv) if lv.is_ours() && lv.tags.contains(&job_tag) => {
+                cmd::run(&lvremove_argv(&self.vg, name))
+                    .map_err(|e| VolumeError::backend(&shown, "remove", e))?;
+                log::info!("removed logical volume {shown} left by interrupted job {job}");
+                Ok(true)
+            }
+            Some(_) => {
+                log::info!("leaving {shown}: it does not carry {job_tag}");
+                Ok(false)
+            }
+            None => Ok(false),
+        }
     }
 
     fn remove(&self, volume: &Volume) -> Result<(), VolumeError> {
@@ -224,23 +248,10 @@ pub fn parse_lvs(json: &str) -> Result<Vec<LvInfo>, String> {
     let mut out = Vec::new();
     for row in report.report.into_iter().flat_map(|r| r.lv) {
         let size = row.lv_size.trim().parse().map_err(|_| {
-            format!(
-                "lvs size {:?} of {} is not a byte count",
-                row.lv_size, row.lv_name
-            )
+            format!("lvs size {:?} of {} is not a byte count", row.lv_size, row.lv_name)
         })?;
-        let tags = row
-            .lv_tags
-            .split(',')
-            .filter(|t| !t.is_empty())
-            .map(String::from)
-            .collect();
-        out.push(LvInfo {
-            name: row.lv_name,
-            size,
-            attr: row.lv_attr,
-            tags,
-        });
+        let tags = row.lv_tags.split(',').filter(|t| !t.is_empty()).map(String::from).collect();
+        out.push(LvInfo { name: row.lv_name, size, attr: row.lv_attr, tags });
     }
     Ok(out)
 }
@@ -279,10 +290,7 @@ mod tests {
         assert_eq!(lvs[0].name, "vm-one");
         assert_eq!(lvs[0].size, 104_857_600);
         assert!(lvs[0].is_ours(), "tagged by us");
-        assert_eq!(
-            lvs[0].tags[1],
-            "lvp-job-550e8400-e29b-41d4-a716-446655440000"
-        );
+        assert_eq!(lvs[0].tags[1], "lvp-job-550e8400-e29b-41d4-a716-446655440000");
         assert_eq!(lvs[1].size, 209_715_200);
         assert!(!lvs[1].is_ours() && lvs[1].tags.is_empty());
         // Without device-mapper lvm2 reports the open state as 'X' (unknown).
@@ -335,9 +343,6 @@ mod tests {
                 "vg0",
             ]
         );
-        assert_eq!(
-            lvremove_argv("vg0", "vm-1"),
-            ["lvremove", "--yes", "vg0/vm-1"]
-        );
+        assert_eq!(lvremove_argv("vg0", "vm-1"), ["lvremove", "--yes", "vg0/vm-1"]);
     }
 }

@@ -37,10 +37,22 @@ pub trait VolumeBackend: Send + Sync {
 
     /// Creates the volume with `size` bytes, or reuses an existing one
     /// within [`REUSE_TOLERANCE`] of it. Refuses one that is open.
-    fn prepare(&self, name: &str, size: u64, job: &str) -> Result<Volume, VolumeError>;
+    /// `before_create` runs right before a volume is created (the job
+    /// journals its intent there); its error stops the creation.
+    fn prepare(
+        &self,
+        name: &str,
+        size: u64,
+        job: &str,
+        before_create: &mut dyn FnMut() -> Result<(), String>,
+    ) -> Result<Volume, VolumeError>;
 
     /// Removes a volume this job created.
     fn remove(&self, volume: &Volume) -> Result<(), VolumeError>;
+
+    /// After a restart: removes volume `name` if job `job` created it (and
+    /// it still exists). Returns whether something was removed.
+    fn remove_after_restart(&self, name: &str, job: &str) -> Result<bool, VolumeError>;
 }
 
 /// An existing volume is reused when its size is within this fraction of
@@ -116,6 +128,16 @@ impl VolumeError {
         }
     }
 
+    pub fn refused(volume: &str, op: &'static str, why: String) -> Self {
+        VolumeError {
+            kind: VolumeErrorKind::Backend,
+            volume: volume.into(),
+            op,
+            detail: Some(why),
+            source: None,
+        }
+    }
+
     pub fn not_a_volume(volume: &str, what: &str) -> Self {
         VolumeError {
             kind: VolumeErrorKind::NotAVolume,
@@ -144,9 +166,7 @@ impl fmt::Display for VolumeError {
 
 impl std::error::Error for VolumeError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_deref()
-            .map(|e| e as &(dyn std::error::Error + 'static))
+        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
 
