@@ -90,11 +90,7 @@ impl Flight {
                 self.bytes_done.load(Ordering::Relaxed),
                 (total != u64::MAX).then_some(total),
             );
-            outcome = self
-                .finished
-                .wait_timeout(outcome, Duration::from_millis(200))
-                .unwrap()
-                .0;
+            outcome = self.finished.wait_timeout(outcome, Duration::from_millis(200)).unwrap().0;
         }
     }
 }
@@ -104,10 +100,7 @@ impl Cache {
     /// temporary files that an earlier run left behind.
     pub fn open(dir: &Path) -> io::Result<Cache> {
         fs::create_dir_all(dir)?;
-        let cache = Cache {
-            dir: dir.to_path_buf(),
-            flights: Mutex::default(),
-        };
+        let cache = Cache { dir: dir.to_path_buf(), flights: Mutex::default() };
         cache.sweep_temp_files()?;
         Ok(cache)
     }
@@ -134,21 +127,13 @@ impl Cache {
         let flight = Arc::new(Flight::default());
         flight.bytes_total.store(u64::MAX, Ordering::Relaxed);
         flights.insert(key.to_string(), Arc::clone(&flight));
-        Role::Leader(FlightGuard {
-            cache: self,
-            key: key.to_string(),
-            flight,
-            result: None,
-        })
+        Role::Leader(FlightGuard { cache: self, key: key.to_string(), flight, result: None })
     }
 
     /// Creates the temporary file a job downloads into.
     pub fn temp_file(&self, job: &str) -> io::Result<(PathBuf, File)> {
         let path = self.dir.join(format!("{TEMP_PREFIX}{job}{TEMP_SUFFIX}"));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
+        let file = OpenOptions::new().write(true).create_new(true).open(&path)?;
         Ok((path, file))
     }
 
@@ -202,10 +187,7 @@ mod tests {
         let (left, _) = cache.temp_file("job2").unwrap();
         drop(cache);
         let cache = Cache::open(&dir).unwrap();
-        assert!(
-            !left.exists(),
-            "a leftover .part file must be swept at open"
-        );
+        assert!(!left.exists(), "a leftover .part file must be swept at open");
         assert!(cache.lookup("d1").is_some());
         fs::remove_dir_all(&dir).unwrap();
     }
@@ -215,21 +197,13 @@ mod tests {
         let dir = temp_dir("flight");
         let cache = Cache::open(&dir).unwrap();
         let no = AtomicBool::new(false);
-        let Role::Leader(guard) = cache.join_flight("u") else {
-            panic!("first is leader")
-        };
-        let Role::Follower(f) = cache.join_flight("u") else {
-            panic!("second follows")
-        };
+        let Role::Leader(guard) = cache.join_flight("u") else { panic!("first is leader") };
+        let Role::Follower(f) = cache.join_flight("u") else { panic!("second follows") };
         guard.finish("d".into());
         assert_eq!(f.wait(&no, &mut |_, _| {}), Ok(Some("d".into())));
 
-        let Role::Leader(guard) = cache.join_flight("u") else {
-            panic!("flight was released")
-        };
-        let Role::Follower(f) = cache.join_flight("u") else {
-            panic!("second follows")
-        };
+        let Role::Leader(guard) = cache.join_flight("u") else { panic!("flight was released") };
+        let Role::Follower(f) = cache.join_flight("u") else { panic!("second follows") };
         drop(guard);
         assert_eq!(
             f.wait(&no, &mut |_, _| {}),

@@ -65,10 +65,7 @@ pub struct Serve {
     pub cache_dir: String,
 
     /// state directory (default /var/lib/libvirt-volume-provisioner)
-    #[argh(
-        option,
-        default = "String::from(\"/var/lib/libvirt-volume-provisioner\")"
-    )]
+    #[argh(option, default = "String::from(\"/var/lib/libvirt-volume-provisioner\")")]
     pub state_dir: String,
 
     /// number of jobs that run at once (default 2)
@@ -158,10 +155,7 @@ mod tests {
         assert_eq!((s.workers, s.queue), (2, 64));
         assert_eq!(s.log_level, "info");
         assert!(!s.plain_http && !s.require_digest);
-        assert_eq!(
-            (s.max_connections, s.handshake_timeout, s.idle_timeout),
-            (128, 10, 60)
-        );
+        assert_eq!((s.max_connections, s.handshake_timeout, s.idle_timeout), (128, 10, 60));
         assert_eq!(s.download_timeout, 60);
     }
 
@@ -216,10 +210,7 @@ mod tests {
         assert_eq!(s.volume_dir.as_deref(), Some("vd"));
         assert_eq!((s.cache_dir.as_str(), s.state_dir.as_str()), ("cd", "sd"));
         assert_eq!((s.workers, s.queue, s.max_connections), (3, 4, 5));
-        assert_eq!(
-            (s.handshake_timeout, s.idle_timeout, s.download_timeout),
-            (6, 7, 8)
-        );
+        assert_eq!((s.handshake_timeout, s.idle_timeout, s.download_timeout), (6, 7, 8));
         assert_eq!(s.log_level, "debug");
     }
 
@@ -231,13 +222,8 @@ mod tests {
 
     #[test]
     fn test_token_new_parses() {
-        match parse(&["token", "new", "ci", "--tokens", "/tmp/t"])
-            .unwrap()
-            .command
-        {
-            Command::Token(Token {
-                command: TokenCommand::New(t),
-            }) => {
+        match parse(&["token", "new", "ci", "--tokens", "/tmp/t"]).unwrap().command {
+            Command::Token(Token { command: TokenCommand::New(t) }) => {
                 assert_eq!((t.name.as_str(), t.tokens.as_str()), ("ci", "/tmp/t"));
             }
             other => panic!("expected token new, got {other:?}"),
@@ -248,26 +234,39 @@ mod tests {
     #[test]
     fn test_every_flag_is_in_the_man_page() {
         let man = include_str!("../man/libvirt-volume-provisioner.8");
-        let src = include_str!("cli.rs");
-        let mut missing = Vec::new();
-        let mut lines = src.lines().peekable();
-        while let Some(line) = lines.next() {
-            let line = line.trim();
-            if line.starts_with("#[argh(option") || line.starts_with("#[argh(switch") {
-                let field = lines.peek().map(|l| l.trim()).unwrap_or_default();
-                if let Some(name) = field.strip_prefix("pub ").and_then(|f| f.split(':').next()) {
-                    let flag = format!("-{}", name.replace('_', "-"));
-                    // roff escapes dashes: \-\-flag-name
-                    let roff = format!("\\-\\-{}", name.replace('_', "\\-"));
-                    if !man.contains(&roff) && !man.contains(&format!("-{flag}")) {
-                        missing.push(format!("-{flag}"));
-                    }
+        let flags = long_flags(include_str!("cli.rs"));
+        assert!(flags.len() >= 20, "the flag scan found only {flags:?}");
+        let missing: Vec<&String> = flags
+            .iter()
+            // roff escapes dashes: \-\-flag\-name
+            .filter(|f| !man.contains(&f.replace('-', "\\-")))
+            .collect();
+        assert!(missing.is_empty(), "flags missing from the man page: {missing:?}");
+    }
+
+    /// The `--flag` of every `#[argh(option …)]` or `#[argh(switch …)]`
+    /// field, however rustfmt wrapped the attribute.
+    fn long_flags(src: &str) -> Vec<String> {
+        let mut flags = Vec::new();
+        let mut attr: Option<String> = None;
+        let mut is_flag = false;
+        for line in src.lines().map(str::trim) {
+            if let Some(text) = attr.as_mut() {
+                text.push_str(line);
+            } else if line.starts_with("#[argh(") {
+                attr = Some(line.to_string());
+            }
+            if let Some(text) = attr.take_if(|t| t.ends_with(")]")) {
+                is_flag = text.contains("option") || text.contains("switch");
+                continue;
+            }
+            if attr.is_none() && is_flag {
+                if let Some(name) = line.strip_prefix("pub ").and_then(|f| f.split(':').next()) {
+                    flags.push(format!("--{}", name.replace('_', "-")));
+                    is_flag = false;
                 }
             }
         }
-        assert!(
-            missing.is_empty(),
-            "flags missing from the man page: {missing:?}"
-        );
+        flags
     }
 }

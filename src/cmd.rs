@@ -32,11 +32,7 @@ pub enum CmdError {
     /// The program exists but could not be started (permissions, resources).
     Spawn { program: String, source: io::Error },
     /// The program ran and reported failure; `stderr` is the tail of its output.
-    Failed {
-        program: String,
-        status: ExitStatus,
-        stderr: String,
-    },
+    Failed { program: String, status: ExitStatus, stderr: String },
     /// The job was cancelled and the child was killed.
     Cancelled { program: String },
 }
@@ -46,11 +42,7 @@ impl fmt::Display for CmdError {
         match self {
             CmdError::NotFound { program } => write!(f, "{program} not found on PATH"),
             CmdError::Spawn { program, .. } => write!(f, "could not start {program}"),
-            CmdError::Failed {
-                program,
-                status,
-                stderr,
-            } => {
+            CmdError::Failed { program, status, stderr } => {
                 let what = match status.code() {
                     Some(code) => format!("exited with status {code}"),
                     None => "was killed by a signal".to_string(),
@@ -116,13 +108,8 @@ pub fn run_with(
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|source| match source.kind() {
-            io::ErrorKind::NotFound => CmdError::NotFound {
-                program: program.clone(),
-            },
-            _ => CmdError::Spawn {
-                program: program.clone(),
-                source,
-            },
+            io::ErrorKind::NotFound => CmdError::NotFound { program: program.clone() },
+            _ => CmdError::Spawn { program: program.clone(), source },
         })?;
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
@@ -178,11 +165,7 @@ pub fn run_with(
             }
             Ok(Output { stdout: stdout_all })
         }
-        Some(Ok(status)) => Err(CmdError::Failed {
-            program,
-            status,
-            stderr,
-        }),
+        Some(Ok(status)) => Err(CmdError::Failed { program, status, stderr }),
         Some(Err(source)) => Err(CmdError::Spawn { program, source }),
     }
 }
@@ -213,10 +196,7 @@ impl Reaper {
 impl Drop for Reaper {
     fn drop(&mut self) {
         if let Some(mut child) = self.0.take() {
-            log::warn!(
-                "killing child process {} that was still running",
-                child.id()
-            );
+            log::warn!("killing child process {} that was still running", child.id());
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -294,10 +274,8 @@ mod tests {
     #[test]
     fn test_progress_lines_split_on_carriage_return() {
         let mut lines = Vec::new();
-        run_with(&argv(&["printf", "a\\rb\\nc"]), None, &mut |l| {
-            lines.push(l.to_string())
-        })
-        .unwrap();
+        run_with(&argv(&["printf", "a\\rb\\nc"]), None, &mut |l| lines.push(l.to_string()))
+            .unwrap();
         assert_eq!(lines, ["a", "b", "c"]);
     }
 

@@ -52,9 +52,9 @@ pub fn log_level(text: &str) -> Result<LevelFilter, String> {
         "info" => Ok(LevelFilter::Info),
         "debug" => Ok(LevelFilter::Debug),
         "trace" => Ok(LevelFilter::Trace),
-        other => Err(format!(
-            "--log-level {other:?} is not one of error, warn, info, debug, trace"
-        )),
+        other => {
+            Err(format!("--log-level {other:?} is not one of error, warn, info, debug, trace"))
+        }
     }
 }
 
@@ -69,39 +69,16 @@ impl Config {
         };
 
         let listen = cli.listen.parse::<SocketAddr>().map_err(|_| {
-            format!(
-                "--listen {:?} is not an address:port such as 0.0.0.0:8080",
-                cli.listen
-            )
+            format!("--listen {:?} is not an address:port such as 0.0.0.0:8080", cli.listen)
         });
         note(listen.as_ref().map(|_| ()).map_err(Clone::clone));
         note(log_level(&cli.log_level).map(|_| ()));
         note(range("--workers", cli.workers, 1, MAX_WORKERS));
         note(range("--queue", cli.queue, 1, MAX_QUEUE));
-        note(range(
-            "--max-connections",
-            cli.max_connections,
-            1,
-            MAX_CONNECTIONS,
-        ));
-        note(range(
-            "--handshake-timeout",
-            cli.handshake_timeout as usize,
-            1,
-            3600,
-        ));
-        note(range(
-            "--idle-timeout",
-            cli.idle_timeout as usize,
-            1,
-            86_400,
-        ));
-        note(range(
-            "--download-timeout",
-            cli.download_timeout as usize,
-            1,
-            86_400,
-        ));
+        note(range("--max-connections", cli.max_connections, 1, MAX_CONNECTIONS));
+        note(range("--handshake-timeout", cli.handshake_timeout as usize, 1, 3600));
+        note(range("--idle-timeout", cli.idle_timeout as usize, 1, 86_400));
+        note(range("--download-timeout", cli.download_timeout as usize, 1, 86_400));
 
         let tokens = match &cli.tokens {
             Some(path) => match TokenSet::load(Path::new(path)) {

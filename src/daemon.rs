@@ -37,27 +37,16 @@ pub fn run(config: Config) -> Result<(), String> {
 
     let server = tiny_http::Server::http("127.0.0.1:0")
         .map_err(|e| format!("cannot open the private HTTP socket on 127.0.0.1: {e}"))?;
-    let backend_addr = server
-        .server_addr()
-        .to_ip()
-        .ok_or("the private HTTP socket has no IP address")?;
+    let backend_addr =
+        server.server_addr().to_ip().ok_or("the private HTTP socket has no IP address")?;
     let server = Arc::new(server);
     let peers = Arc::new(PeerTable::default());
-    let ctx = Arc::new(Ctx {
-        table,
-        queue,
-        peers: Arc::clone(&peers),
-        tokens: config.tokens,
-    });
+    let ctx = Arc::new(Ctx { table, queue, peers: Arc::clone(&peers), tokens: config.tokens });
     let _http = http::start(server, ctx, HTTP_THREADS);
 
     let listener = TcpListener::bind(config.listen)
         .map_err(|e| format!("--listen {}: cannot listen ({e})", config.listen))?;
-    let scheme = if config.tls.is_some() {
-        "https"
-    } else {
-        "http"
-    };
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
     if config.tls.is_none() {
         log::warn!("serving plain HTTP (--plain-http): for development only; tokens cross the network in clear");
     }
@@ -75,10 +64,7 @@ pub fn run(config: Config) -> Result<(), String> {
         tls: config.tls,
         backend: backend_addr,
         peers,
-        limits: Limits {
-            handshake: config.handshake_timeout,
-            idle: config.idle_timeout,
-        },
+        limits: Limits { handshake: config.handshake_timeout, idle: config.idle_timeout },
         max_connections: config.max_connections,
     }
     .run();

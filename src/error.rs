@@ -28,11 +28,7 @@ pub struct ErrorBody<'a> {
 
 impl ApiError {
     fn new(status: u16, code: &'static str, details: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            details: details.into(),
-        }
+        ApiError { status, code, details: details.into() }
     }
 
     /// The request body is not valid JSON.
@@ -47,11 +43,7 @@ impl ApiError {
 
     /// The request body is larger than the API accepts.
     pub fn body_too_large(limit: usize) -> Self {
-        Self::new(
-            400,
-            "body_too_large",
-            format!("request body is larger than {limit} bytes"),
-        )
+        Self::new(400, "body_too_large", format!("request body is larger than {limit} bytes"))
     }
 
     /// No client certificate and no valid token.
@@ -86,20 +78,12 @@ impl ApiError {
 
     /// The request head did not end within the front door's limit.
     pub fn header_too_large(limit: usize) -> Self {
-        Self::new(
-            431,
-            "header_too_large",
-            format!("request head is larger than {limit} bytes"),
-        )
+        Self::new(431, "header_too_large", format!("request head is larger than {limit} bytes"))
     }
 
     /// The front door holds its maximum of open connections.
     pub fn too_many_connections() -> Self {
-        Self::new(
-            503,
-            "too_many_connections",
-            "too many open connections; retry shortly",
-        )
+        Self::new(503, "too_many_connections", "too many open connections; retry shortly")
     }
 
     /// The job queue is full; the client should retry later.
@@ -109,11 +93,7 @@ impl ApiError {
 
     /// The JSON body of this error.
     pub fn body(&self, correlation_id: Option<&str>) -> Vec<u8> {
-        let body = ErrorBody {
-            error: self.code,
-            details: &self.details,
-            correlation_id,
-        };
+        let body = ErrorBody { error: self.code, details: &self.details, correlation_id };
         serde_json::to_vec(&body).expect("error body serializes")
     }
 }
@@ -159,11 +139,7 @@ mod tests {
             (ApiError::volume_busy(""), 409, "volume_busy"),
             (ApiError::length_required(""), 411, "length_required"),
             (ApiError::header_too_large(1), 431, "header_too_large"),
-            (
-                ApiError::too_many_connections(),
-                503,
-                "too_many_connections",
-            ),
+            (ApiError::too_many_connections(), 503, "too_many_connections"),
             (ApiError::queue_full(""), 503, "queue_full"),
         ];
         for (err, status, code) in table {

@@ -76,10 +76,7 @@ impl Fetcher {
             .timeout_connect(Some(Duration::from_secs(30)))
             .timeout_per_read(Some(stall))
             .max_redirects(5)
-            .user_agent(concat!(
-                "libvirt-volume-provisioner/",
-                env!("CARGO_PKG_VERSION")
-            ))
+            .user_agent(concat!("libvirt-volume-provisioner/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
         Fetcher { agent }
@@ -94,10 +91,7 @@ impl Fetcher {
             .agent
             .get(&url)
             .call()
-            .map_err(|source| FetchError::Transport {
-                url: shown.clone(),
-                source,
-            })?;
+            .map_err(|source| FetchError::Transport { url: shown.clone(), source })?;
         match resp.status().as_u16() {
             200..=299 => {}
             403 | 404 | 410 => return Ok(None),
@@ -109,10 +103,7 @@ impl Fetcher {
             .limit(SIDECAR_LIMIT)
             .reader()
             .read_to_string(&mut text)
-            .map_err(|e| FetchError::Sidecar {
-                url: shown.clone(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| FetchError::Sidecar { url: shown.clone(), reason: e.to_string() })?;
         let name = file_name(image_url);
         parse_sidecar(&text, name)
             .map(Some)
@@ -133,10 +124,7 @@ impl Fetcher {
             .agent
             .get(url)
             .call()
-            .map_err(|source| FetchError::Transport {
-                url: shown.clone(),
-                source,
-            })?;
+            .map_err(|source| FetchError::Transport { url: shown.clone(), source })?;
         let code = resp.status().as_u16();
         if !(200..=299).contains(&code) {
             return Err(FetchError::Status { url: shown, code });
@@ -165,15 +153,11 @@ impl Fetcher {
                 }
             };
             hasher.update(&buf[..n]);
-            out.write_all(&buf[..n])
-                .map_err(|source| FetchError::Write { source })?;
+            out.write_all(&buf[..n]).map_err(|source| FetchError::Write { source })?;
             done += n as u64;
             progress(done, total);
         }
-        Ok(Downloaded {
-            sha256: crate::tokens::hex(&hasher.finalize()),
-            bytes: done,
-        })
+        Ok(Downloaded { sha256: crate::tokens::hex(&hasher.finalize()), bytes: done })
     }
 }
 
@@ -265,11 +249,7 @@ mod tests {
             format!("{D}  /build/out/disk.qcow2   \n"),
             format!("SHA256 (disk.qcow2) = {D}\n"),
         ] {
-            assert_eq!(
-                parse_sidecar(&text, "disk.qcow2").as_deref(),
-                Ok(D),
-                "{text:?}"
-            );
+            assert_eq!(parse_sidecar(&text, "disk.qcow2").as_deref(), Ok(D), "{text:?}");
         }
     }
 
@@ -289,22 +269,14 @@ mod tests {
     #[test]
     fn test_bad_sidecars() {
         assert_eq!(parse_sidecar("", "x").unwrap_err(), "holds no digest");
-        assert!(parse_sidecar("abc123  x", "x")
-            .unwrap_err()
-            .contains("not a SHA-256"));
+        assert!(parse_sidecar("abc123  x", "x").unwrap_err().contains("not a SHA-256"));
         assert!(parse_sidecar("<html>not found</html>", "x").is_err());
     }
 
     #[test]
     fn test_urls() {
-        assert_eq!(
-            sidecar_url("http://h/a/b.qcow2"),
-            "http://h/a/b.qcow2.sha256"
-        );
-        assert_eq!(
-            sidecar_url("https://h/b.qcow2?X-Sig=1"),
-            "https://h/b.qcow2.sha256"
-        );
+        assert_eq!(sidecar_url("http://h/a/b.qcow2"), "http://h/a/b.qcow2.sha256");
+        assert_eq!(sidecar_url("https://h/b.qcow2?X-Sig=1"), "https://h/b.qcow2.sha256");
         assert_eq!(redact("https://h/b?X-Amz-Signature=s"), "https://h/b?…");
         assert_eq!(file_name("https://h/a/b.qcow2?x=1"), "b.qcow2");
     }

@@ -60,10 +60,7 @@ impl fmt::Display for InspectError {
                  convert it to a self-contained image first"
             ),
             InspectError::Encrypted => write!(f, "image is encrypted; refusing it"),
-            InspectError::TooLarge {
-                virtual_size,
-                volume_size,
-            } => write!(
+            InspectError::TooLarge { virtual_size, volume_size } => write!(
                 f,
                 "image's virtual size {virtual_size} bytes is larger than the volume's \
                  {volume_size} bytes: ask for a larger volume_size_gb"
@@ -127,9 +124,8 @@ pub fn info_argv(path: &Path, format: ImageType) -> Vec<String> {
 }
 
 pub fn parse_info(json: &str) -> Result<ImageInfo, InspectError> {
-    let report: Report = serde_json::from_str(json).map_err(|e| InspectError::BadReport {
-        reason: e.to_string(),
-    })?;
+    let report: Report = serde_json::from_str(json)
+        .map_err(|e| InspectError::BadReport { reason: e.to_string() })?;
     let data = report.format_specific.and_then(|f| f.data);
     let encrypted = report.encrypted || data.as_ref().is_some_and(|d| d.encrypt.is_some());
     Ok(ImageInfo {
@@ -152,10 +148,7 @@ pub fn check(info: &ImageInfo, volume_size: u64) -> Result<(), InspectError> {
         return Err(InspectError::Encrypted);
     }
     if info.virtual_size > volume_size {
-        return Err(InspectError::TooLarge {
-            virtual_size: info.virtual_size,
-            volume_size,
-        });
+        return Err(InspectError::TooLarge { virtual_size: info.virtual_size, volume_size });
     }
     Ok(())
 }
@@ -183,10 +176,7 @@ mod tests {
     #[test]
     fn test_refusals() {
         let err = check(&parse_info(BACKING).unwrap(), 1 << 30).unwrap_err();
-        assert!(
-            err.to_string().contains("backing file (/etc/hostname)"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("backing file (/etc/hostname)"), "{err}");
         let err = check(&parse_info(DATA_FILE).unwrap(), 1 << 30).unwrap_err();
         assert!(err.to_string().contains("/tmp/qi/data.raw"), "{err}");
         let err = check(&parse_info(ENCRYPTED).unwrap(), 1 << 30).unwrap_err();
@@ -204,9 +194,6 @@ mod tests {
 
     #[test]
     fn test_garbage_report() {
-        assert!(matches!(
-            parse_info("nope"),
-            Err(InspectError::BadReport { .. })
-        ));
+        assert!(matches!(parse_info("nope"), Err(InspectError::BadReport { .. })));
     }
 }

@@ -29,11 +29,7 @@ pub enum TokenError {
     /// The file could not be opened, read or written.
     Io { path: PathBuf, source: io::Error },
     /// A line is neither `name:sha256:<hex>` nor `name:token`.
-    Malformed {
-        path: PathBuf,
-        line: usize,
-        reason: &'static str,
-    },
+    Malformed { path: PathBuf, line: usize, reason: &'static str },
     /// The file holds no token at all, so nobody could authenticate.
     Empty { path: PathBuf },
     /// `token new` was given a name that is unusable or already taken.
@@ -68,15 +64,11 @@ impl TokenSet {
     /// Loads and checks a tokens file. Legacy clear-text lines are logged
     /// once each, by name, at warn.
     pub fn load(path: &Path) -> Result<TokenSet, TokenError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TokenError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| TokenError::Io { path: path.to_path_buf(), source })?;
         let set = Self::parse(&text, path)?;
         if set.entries.is_empty() {
-            return Err(TokenError::Empty {
-                path: path.to_path_buf(),
-            });
+            return Err(TokenError::Empty { path: path.to_path_buf() });
         }
         Ok(set)
     }
@@ -88,14 +80,10 @@ impl TokenSet {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let bad = |reason| TokenError::Malformed {
-                path: path.to_path_buf(),
-                line: i + 1,
-                reason,
-            };
-            let (name, rest) = line
-                .split_once(':')
-                .ok_or_else(|| bad("expected name:sha256:<hex>"))?;
+            let bad =
+                |reason| TokenError::Malformed { path: path.to_path_buf(), line: i + 1, reason };
+            let (name, rest) =
+                line.split_once(':').ok_or_else(|| bad("expected name:sha256:<hex>"))?;
             check_name(name).map_err(|_| bad("name must be letters, digits, '.', '_' or '-'"))?;
             let digest = match rest.strip_prefix("sha256:") {
                 Some(hex) => parse_hex32(hex).ok_or_else(|| bad("sha256 must be 64 hex digits"))?,
@@ -137,50 +125,29 @@ pub fn mint(path: &Path, name: &str) -> Result<String, TokenError> {
     check_name(name)?;
     let existing = match std::fs::read_to_string(path) {
         Ok(text) => TokenSet::parse(&text, path)?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => TokenSet {
-            entries: Vec::new(),
-        },
-        Err(source) => {
-            return Err(TokenError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => TokenSet { entries: Vec::new() },
+        Err(source) => return Err(TokenError::Io { path: path.to_path_buf(), source }),
     };
     if existing.entries.iter().any(|(n, _)| n == name) {
-        return Err(TokenError::BadName {
-            name: name.into(),
-            reason: "is already in the file",
-        });
+        return Err(TokenError::BadName { name: name.into(), reason: "is already in the file" });
     }
     let mut raw = [0u8; TOKEN_BYTES];
-    let io_err = |source| TokenError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io_err = |source| TokenError::Io { path: path.to_path_buf(), source };
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| io::Read::read_exact(&mut f, &mut raw))
         .map_err(io_err)?;
     let token = hex(&raw);
     let line = format!("{name}:sha256:{}\n", hex(&sha256(token.as_bytes())));
-    let mut file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err)?;
-    file.write_all(line.as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(io_err)?;
+    let mut file =
+        OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(io_err)?;
+    file.write_all(line.as_bytes()).and_then(|()| file.sync_all()).map_err(io_err)?;
     Ok(token)
 }
 
 fn check_name(name: &str) -> Result<(), TokenError> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -229,25 +196,15 @@ mod tests {
         assert_eq!(set.verify("s3cret"), Some("ci"));
         assert_eq!(set.verify("plain-token"), Some("old"));
         assert_eq!(set.verify("wrong"), None);
-        assert_eq!(
-            set.verify(&hashed),
-            None,
-            "the stored hash is not itself a token"
-        );
+        assert_eq!(set.verify(&hashed), None, "the stored hash is not itself a token");
     }
 
     #[test]
     fn test_malformed_lines_name_the_line() {
         let err = parse("ok:sha256:abcd\n").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "tokens file t line 1: sha256 must be 64 hex digits"
-        );
+        assert_eq!(err.to_string(), "tokens file t line 1: sha256 must be 64 hex digits");
         let err = parse("# c\nno-colon-here\n").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "tokens file t line 2: expected name:sha256:<hex>"
-        );
+        assert_eq!(err.to_string(), "tokens file t line 2: expected name:sha256:<hex>");
         assert!(parse("bad name:x").is_err());
         assert!(parse("empty:").is_err());
     }
@@ -260,10 +217,7 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let token = mint(&path, "ci").unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(
-            !text.contains(&token),
-            "the token itself must not be stored"
-        );
+        assert!(!text.contains(&token), "the token itself must not be stored");
         assert_eq!(TokenSet::load(&path).unwrap().verify(&token), Some("ci"));
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;

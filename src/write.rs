@@ -50,19 +50,13 @@ impl std::error::Error for WriteError {
 
 impl WriteError {
     pub fn is_cancel(&self) -> bool {
-        matches!(
-            self,
-            WriteError::Cancelled | WriteError::Convert(CmdError::Cancelled { .. })
-        )
+        matches!(self, WriteError::Cancelled | WriteError::Convert(CmdError::Cancelled { .. }))
     }
 }
 
 pub fn convert_argv(image: &Path, volume: &Volume) -> Vec<String> {
-    let mut argv: Vec<String> = [
-        "qemu-img", "convert", "-p", "-n", "-f", "qcow2", "-O", "raw",
-    ]
-    .map(String::from)
-    .into();
+    let mut argv: Vec<String> =
+        ["qemu-img", "convert", "-p", "-n", "-f", "qcow2", "-O", "raw"].map(String::from).into();
     if volume.reads_as_zero {
         argv.push("--target-is-zero".into());
     }
@@ -91,10 +85,7 @@ pub fn convert_qcow2(
 /// Reads qemu-img's `    (45.12/100%)` progress lines.
 pub fn parse_progress(line: &str) -> Option<f64> {
     let inner = line.trim().strip_prefix('(')?.strip_suffix("/100%)")?;
-    inner
-        .parse()
-        .ok()
-        .filter(|p: &f64| (0.0..=100.0).contains(p))
+    inner.parse().ok().filter(|p: &f64| (0.0..=100.0).contains(p))
 }
 
 /// Copies a raw image of `len` bytes into the volume. `progress` gets the
@@ -107,10 +98,7 @@ pub fn copy_raw(
     progress: &mut dyn FnMut(u64),
 ) -> Result<(), WriteError> {
     let mut src = File::open(image).map_err(WriteError::Io)?;
-    let mut dst = OpenOptions::new()
-        .write(true)
-        .open(&volume.path)
-        .map_err(WriteError::Io)?;
+    let mut dst = OpenOptions::new().write(true).open(&volume.path).map_err(WriteError::Io)?;
     let mut buf = vec![0u8; BLOCK];
     let mut done = 0u64;
     while done < len {
@@ -120,8 +108,7 @@ pub fn copy_raw(
         let want = (len - done).min(BLOCK as u64) as usize;
         src.read_exact(&mut buf[..want]).map_err(WriteError::Io)?;
         if volume.reads_as_zero && buf[..want].iter().all(|&b| b == 0) {
-            dst.seek(SeekFrom::Current(want as i64))
-                .map_err(WriteError::Io)?;
+            dst.seek(SeekFrom::Current(want as i64)).map_err(WriteError::Io)?;
         } else {
             dst.write_all(&buf[..want]).map_err(WriteError::Io)?;
         }
@@ -135,10 +122,7 @@ pub fn copy_raw(
 /// Flushes the volume's data to stable storage (fdatasync on the file or
 /// block device).
 pub fn sync_volume(path: &Path) -> Result<(), WriteError> {
-    let f = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(WriteError::Io)?;
+    let f = OpenOptions::new().write(true).open(path).map_err(WriteError::Io)?;
     f.sync_data().map_err(WriteError::Io)
 }
 
@@ -165,10 +149,7 @@ mod tests {
             reads_as_zero: false,
         };
         let plain = convert_argv(Path::new("/c/x.img"), &v).join(" ");
-        assert_eq!(
-            plain,
-            "qemu-img convert -p -n -f qcow2 -O raw /c/x.img /dev/vg0/a"
-        );
+        assert_eq!(plain, "qemu-img convert -p -n -f qcow2 -O raw /c/x.img /dev/vg0/a");
         v.reads_as_zero = true;
         assert!(convert_argv(Path::new("/c/x.img"), &v).contains(&"--target-is-zero".into()));
     }

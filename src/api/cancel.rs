@@ -7,10 +7,9 @@ use crate::http::{Ctx, Failure, Reply};
 
 pub fn handle(ctx: &Ctx, id: &str) -> Result<Reply, Failure> {
     let id = job_id(id)?;
-    ctx.table.cancel(id).map_err(|error| Failure {
-        error,
-        correlation_id: ctx.table.correlation_id(id),
-    })?;
+    ctx.table
+        .cancel(id)
+        .map_err(|error| Failure { error, correlation_id: ctx.table.correlation_id(id) })?;
     log::info!("job={} cancel requested", &id.simple().to_string()[..8]);
     Ok(Reply::empty(204))
 }

@@ -75,23 +75,15 @@ impl JobRequest {
     }
 }
 
-const FIELDS: &[&str] = &[
-    "image_url",
-    "volume_name",
-    "volume_size_gb",
-    "image_type",
-    "correlation_id",
-    "image_sha256",
-];
+const FIELDS: &[&str] =
+    &["image_url", "volume_name", "volume_size_gb", "image_type", "correlation_id", "image_sha256"];
 
 /// Parses and checks a provision body.
 pub fn parse_provision(body: &[u8]) -> Result<JobRequest, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid_json(format!("request body is not valid JSON: {e}")))?;
     let Value::Object(obj) = value else {
-        return Err(ApiError::invalid_request(
-            "request body must be a JSON object",
-        ));
+        return Err(ApiError::invalid_request("request body must be a JSON object"));
     };
     if let Some(unknown) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(ApiError::invalid_request(format!(
@@ -107,14 +99,11 @@ pub fn parse_provision(body: &[u8]) -> Result<JobRequest, ApiError> {
         None | Some(Value::Null) => {
             return Err(ApiError::invalid_request("missing field volume_size_gb"))
         }
-        Some(v) => v
-            .as_u64()
-            .filter(|n| (1..=MAX_VOLUME_GB).contains(n))
-            .ok_or_else(|| {
-                ApiError::invalid_request(format!(
-                    "volume_size_gb must be a whole number from 1 to {MAX_VOLUME_GB}, got {v}"
-                ))
-            })?,
+        Some(v) => v.as_u64().filter(|n| (1..=MAX_VOLUME_GB).contains(n)).ok_or_else(|| {
+            ApiError::invalid_request(format!(
+                "volume_size_gb must be a whole number from 1 to {MAX_VOLUME_GB}, got {v}"
+            ))
+        })?,
     };
     let image_type = match optional_string(&obj, "image_type")?.as_deref() {
         None | Some("qcow2") => ImageType::Qcow2,
@@ -214,14 +203,9 @@ pub fn check_image_url(url: &str) -> Result<(), ApiError> {
 pub fn check_volume_name(name: &str) -> Result<(), ApiError> {
     let bad = |why: &str| ApiError::invalid_request(format!("volume_name {name:?} {why}"));
     if name.is_empty() || name.len() > MAX_VOLUME_NAME_BYTES {
-        return Err(bad(&format!(
-            "must be 1 to {MAX_VOLUME_NAME_BYTES} bytes long"
-        )));
+        return Err(bad(&format!("must be 1 to {MAX_VOLUME_NAME_BYTES} bytes long")));
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"+_.-".contains(&b))
-    {
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"+_.-".contains(&b)) {
         return Err(bad("may hold only letters, digits and + _ . -"));
     }
     if name.starts_with('-') || name.starts_with('.') {
@@ -286,10 +270,7 @@ mod tests {
     fn test_bad_bodies_get_precise_details() {
         assert_eq!(parse_provision(b"{").unwrap_err().code, "invalid_json");
         assert_eq!(details("[]"), "request body must be a JSON object");
-        assert_eq!(
-            details(r#"{"volume_name":"a","volume_size_gb":1}"#),
-            "missing field image_url"
-        );
+        assert_eq!(details(r#"{"volume_name":"a","volume_size_gb":1}"#), "missing field image_url");
         assert_eq!(
             details(&with("volume_name", "7")),
             "volume_name must be a string, got a number"
@@ -319,10 +300,7 @@ mod tests {
             "\"https:///a.img\"",
             "\"https://h/\"",
         ] {
-            assert!(
-                details(&with("image_url", bad)).starts_with("image_url"),
-                "{bad}"
-            );
+            assert!(details(&with("image_url", bad)).starts_with("image_url"), "{bad}");
         }
         assert!(parse_provision(
             with("image_url", "\"http://10.0.0.1:9000/b/x.raw?sig=1\"").as_bytes()

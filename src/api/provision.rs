@@ -14,10 +14,7 @@ struct Accepted {
 
 pub fn handle(ctx: &Ctx, body: &[u8]) -> Result<Reply, Failure> {
     let correlation_id = peek_correlation_id(body);
-    let fail = |error: ApiError| Failure {
-        error,
-        correlation_id: correlation_id.clone(),
-    };
+    let fail = |error: ApiError| Failure { error, correlation_id: correlation_id.clone() };
     let request = super::parse_provision(body).map_err(fail)?;
     let id = ctx.table.insert(request).map_err(fail)?;
     if !ctx.queue.try_push(id) {

@@ -6,9 +6,6 @@ use crate::http::{Ctx, Failure, Reply};
 
 pub fn handle(ctx: &Ctx, id: &str) -> Result<Reply, Failure> {
     let id = job_id(id)?;
-    let view = ctx
-        .table
-        .view(id)
-        .ok_or_else(|| ApiError::not_found(format!("no job {id}")))?;
+    let view = ctx.table.view(id).ok_or_else(|| ApiError::not_found(format!("no job {id}")))?;
     Ok(Reply::json(200, &view))
 }

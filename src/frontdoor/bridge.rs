@@ -64,14 +64,7 @@ impl Bridge {
     /// Serves the connection until either side closes, a deadline passes or
     /// the client breaks the rules. Never panics on client input.
     pub fn run(self) {
-        let Bridge {
-            client,
-            remote,
-            tls,
-            backend,
-            peers,
-            limits,
-        } = self;
+        let Bridge { client, remote, tls, backend, peers, limits } = self;
         if client.set_nonblocking(true).is_err() {
             return;
         }
@@ -99,14 +92,7 @@ impl Bridge {
         if let Some(tls) = st.tls.as_mut() {
             // Backpressure is applied by polling, not by rustls' limit.
             tls.set_buffer_limit(None);
-        } else if let Err(e) = st.connect_backend(
-            backend,
-            &peers,
-            Peer {
-                remote,
-                subject: None,
-            },
-        ) {
+        } else if let Err(e) = st.connect_backend(backend, &peers, Peer { remote, subject: None }) {
             log::error!("cannot reach the HTTP workers at {backend}: {e}");
             return;
         }
@@ -114,18 +100,11 @@ impl Bridge {
         let mut last_activity = started;
         loop {
             let handshaking = st.tls.as_ref().is_some_and(|t| t.is_handshaking());
-            let deadline = if handshaking {
-                started + limits.handshake
-            } else {
-                last_activity + limits.idle
-            };
+            let deadline =
+                if handshaking { started + limits.handshake } else { last_activity + limits.idle };
             let now = Instant::now();
             if now >= deadline {
-                let what = if handshaking {
-                    "TLS handshake"
-                } else {
-                    "idle connection"
-                };
+                let what = if handshaking { "TLS handshake" } else { "idle connection" };
                 log::debug!("closing {what} from {remote}: deadline passed");
                 break;
             }
@@ -220,11 +199,7 @@ impl State {
             pollfd(&self.client, read_client, write_client),
             match &self.backend {
                 Some(b) if backend_open => pollfd(b, read_backend, write_backend),
-                _ => libc::pollfd {
-                    fd: -1,
-                    events: 0,
-                    revents: 0,
-                },
+                _ => libc::pollfd { fd: -1, events: 0, revents: 0 },
             },
         ];
         let ms = timeout.as_millis().clamp(1, 1000) as libc::c_int;
@@ -232,11 +207,7 @@ impl State {
         let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
         if n < 0 {
             let err = io::Error::last_os_error();
-            return if err.kind() == io::ErrorKind::Interrupted {
-                Ok(false)
-            } else {
-                Err(Done)
-            };
+            return if err.kind() == io::ErrorKind::Interrupted { Ok(false) } else { Err(Done) };
         }
         if n == 0 {
             return Ok(false);
@@ -297,10 +268,8 @@ impl State {
             return Err(Done);
         }
         if was_handshaking && !tls.is_handshaking() {
-            let subject = tls
-                .peer_certificates()
-                .and_then(|certs| certs.first())
-                .map(super::tls::subject_of);
+            let subject =
+                tls.peer_certificates().and_then(|certs| certs.first()).map(super::tls::subject_of);
             let peer = Peer { remote, subject };
             if let Err(e) = self.connect_backend(backend_addr, peers, peer) {
                 log::error!("cannot reach the HTTP workers at {backend_addr}: {e}");
@@ -416,18 +385,11 @@ fn pollfd(stream: &TcpStream, read: bool, write: bool) -> libc::pollfd {
     if write {
         events |= libc::POLLOUT;
     }
-    libc::pollfd {
-        fd: stream.as_raw_fd(),
-        events,
-        revents: 0,
-    }
+    libc::pollfd { fd: stream.as_raw_fd(), events, revents: 0 }
 }
 
 fn would_block(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-    )
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
 }
 
 /// A complete HTTP response for a request the front door refuses itself.

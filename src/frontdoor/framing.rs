@@ -30,9 +30,7 @@ pub struct Framer {
 
 impl Default for Framer {
     fn default() -> Self {
-        Framer {
-            state: State::Head(Vec::new()),
-        }
+        Framer { state: State::Head(Vec::new()) }
     }
 }
 
@@ -70,11 +68,8 @@ impl Framer {
                     let rest = std::mem::take(buf);
                     let body = body_length(&head)?;
                     out.extend_from_slice(&head);
-                    self.state = if body == 0 {
-                        State::Head(Vec::new())
-                    } else {
-                        State::Body(body)
-                    };
+                    self.state =
+                        if body == 0 { State::Head(Vec::new()) } else { State::Body(body) };
                     if !rest.is_empty() {
                         // Re-feed the leftovers, then the remaining input.
                         let mut combined = rest;
@@ -123,9 +118,7 @@ fn body_length(head: &[u8]) -> Result<u64, ApiError> {
                 .parse()
                 .map_err(|_| ApiError::invalid_request(format!("bad Content-Length {value:?}")))?;
             if length.is_some_and(|m| m != n) {
-                return Err(ApiError::invalid_request(
-                    "conflicting Content-Length headers",
-                ));
+                return Err(ApiError::invalid_request("conflicting Content-Length headers"));
             }
             length = Some(n);
         }
@@ -167,20 +160,10 @@ mod tests {
     #[test]
     fn test_oversized_head_is_431() {
         let big = vec![b'a'; MAX_HEAD_BYTES + 10];
-        assert_eq!(
-            feed_all(&[b"GET / HTTP/1.1\r\nX: ", &big])
-                .unwrap_err()
-                .status,
-            431
-        );
+        assert_eq!(feed_all(&[b"GET / HTTP/1.1\r\nX: ", &big]).unwrap_err().status, 431);
         // A head in the second request on a connection is checked too.
         let first = b"GET / HTTP/1.1\r\n\r\n";
-        assert_eq!(
-            feed_all(&[first, b"GET / HTTP/1.1\r\nX: ", &big])
-                .unwrap_err()
-                .status,
-            431
-        );
+        assert_eq!(feed_all(&[first, b"GET / HTTP/1.1\r\nX: ", &big]).unwrap_err().status, 431);
     }
 
     #[test]
@@ -188,20 +171,11 @@ mod tests {
         let te = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert_eq!(feed_all(&[te]).unwrap_err().status, 411);
         let both = b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n";
-        assert_eq!(
-            feed_all(&[both]).unwrap_err().details,
-            "conflicting Content-Length headers"
-        );
+        assert_eq!(feed_all(&[both]).unwrap_err().details, "conflicting Content-Length headers");
         let same = b"POST / HTTP/1.1\r\nContent-Length: 1\r\ncontent-length: 1\r\n\r\nx";
         assert!(feed_all(&[same]).is_ok());
-        let big = format!(
-            "POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
-            MAX_BODY_BYTES + 1
-        );
-        assert_eq!(
-            feed_all(&[big.as_bytes()]).unwrap_err().code,
-            "body_too_large"
-        );
+        let big = format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", MAX_BODY_BYTES + 1);
+        assert_eq!(feed_all(&[big.as_bytes()]).unwrap_err().code, "body_too_large");
         let junk = b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n";
         assert_eq!(feed_all(&[junk]).unwrap_err().status, 400);
     }

@@ -57,10 +57,7 @@ impl FrontDoor {
             };
             if open.fetch_add(1, Ordering::SeqCst) >= self.max_connections {
                 open.fetch_sub(1, Ordering::SeqCst);
-                log::debug!(
-                    "refusing connection from {remote}: {} open",
-                    self.max_connections
-                );
+                log::debug!("refusing connection from {remote}: {} open", self.max_connections);
                 if self.tls.is_none() {
                     // Plain HTTP can be told why; a TLS client just sees the close.
                     let busy = ApiError::too_many_connections();

@@ -20,12 +20,8 @@ pub fn server_config(
 ) -> Result<Arc<ServerConfig>, String> {
     let provider = Arc::new(ring::default_provider());
     let chain = load_certs(cert, "--tls-cert")?;
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-        format!(
-            "--tls-key {}: no usable PEM private key ({e})",
-            key.display()
-        )
-    })?;
+    let key_der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("--tls-key {}: no usable PEM private key ({e})", key.display()))?;
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS protocol setup failed: {e}"))?;
@@ -34,33 +30,22 @@ pub fn server_config(
             let mut roots = RootCertStore::empty();
             for c in load_certs(ca, "--client-ca")? {
                 roots.add(c).map_err(|e| {
-                    format!(
-                        "--client-ca {}: certificate not usable as a CA ({e})",
-                        ca.display()
-                    )
+                    format!("--client-ca {}: certificate not usable as a CA ({e})", ca.display())
                 })?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
             // Without a certificate a client can still authenticate with a
             // token, but only when tokens exist; otherwise the handshake fails.
-            let verifier = if tokens_configured {
-                verifier.allow_unauthenticated()
-            } else {
-                verifier
-            };
-            let verifier = verifier
-                .build()
-                .map_err(|e| format!("--client-ca {}: {e}", ca.display()))?;
+            let verifier =
+                if tokens_configured { verifier.allow_unauthenticated() } else { verifier };
+            let verifier =
+                verifier.build().map_err(|e| format!("--client-ca {}: {e}", ca.display()))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_single_cert(chain, key_der).map_err(|e| {
-        format!(
-            "--tls-key {} does not match --tls-cert {} ({e})",
-            key.display(),
-            cert.display()
-        )
+        format!("--tls-key {} does not match --tls-cert {} ({e})", key.display(), cert.display())
     })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
@@ -84,10 +69,7 @@ pub fn subject_of(cert: &CertificateDer<'_>) -> String {
     match x509_parser::parse_x509_certificate(cert.as_ref()) {
         Ok((_, parsed)) => {
             let subject = parsed.subject();
-            let cn = subject
-                .iter_common_name()
-                .next()
-                .and_then(|cn| cn.as_str().ok());
+            let cn = subject.iter_common_name().next().and_then(|cn| cn.as_str().ok());
             match cn {
                 Some(cn) => format!("CN={cn}"),
                 None => subject.to_string(),

@@ -41,10 +41,7 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(status: u16, value: &impl serde::Serialize) -> Reply {
-        Reply {
-            status,
-            body: Some(serde_json::to_vec(value).expect("reply serializes")),
-        }
+        Reply { status, body: Some(serde_json::to_vec(value).expect("reply serializes")) }
     }
 
     pub fn empty(status: u16) -> Reply {
@@ -60,19 +57,13 @@ pub struct Failure {
 
 impl From<ApiError> for Failure {
     fn from(error: ApiError) -> Failure {
-        Failure {
-            error,
-            correlation_id: None,
-        }
+        Failure { error, correlation_id: None }
     }
 }
 
 impl From<Failure> for Reply {
     fn from(f: Failure) -> Reply {
-        Reply {
-            status: f.error.status,
-            body: Some(f.error.body(f.correlation_id.as_deref())),
-        }
+        Reply { status: f.error.status, body: Some(f.error.body(f.correlation_id.as_deref())) }
     }
 }
 
@@ -99,12 +90,8 @@ fn handle(ctx: &Ctx, mut request: tiny_http::Request) {
     let request_id = uuid::Uuid::new_v4().to_string();
     let method = request.method().as_str().to_string();
     let path = request.url().split('?').next().unwrap_or("").to_string();
-    let identity = auth::identify(
-        &ctx.peers,
-        ctx.tokens.as_ref(),
-        request.remote_addr(),
-        request.headers(),
-    );
+    let identity =
+        auth::identify(&ctx.peers, ctx.tokens.as_ref(), request.remote_addr(), request.headers());
     let reply = match &identity {
         Err(e) => Reply::from(Failure::from(e.clone())),
         Ok(_) => match read_body(&mut request) {

@@ -163,10 +163,7 @@ impl Job {
 
     /// The label logs and responses use: the caller's, else the job id.
     pub fn correlation_id(&self) -> String {
-        self.request
-            .correlation_id
-            .clone()
-            .unwrap_or_else(|| self.id.to_string())
+        self.request.correlation_id.clone().unwrap_or_else(|| self.id.to_string())
     }
 
     pub fn view(&self) -> JobView {
@@ -201,13 +198,7 @@ pub struct JobCtx<'a> {
 impl fmt::Display for JobCtx<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let id = self.id.simple().to_string();
-        write!(
-            f,
-            "job={} corr={} vol={}",
-            &id[..8],
-            clean_label(self.correlation),
-            self.volume
-        )
+        write!(f, "job={} corr={} vol={}", &id[..8], clean_label(self.correlation), self.volume)
     }
 }
 

@@ -51,19 +51,11 @@ struct Stop {
 
 impl Stop {
     fn fail(stage: Stage, message: impl Into<String>) -> Stop {
-        Stop {
-            stage,
-            message: message.into(),
-            cancelled: false,
-        }
+        Stop { stage, message: message.into(), cancelled: false }
     }
 
     fn cancelled(stage: Stage) -> Stop {
-        Stop {
-            stage,
-            message: "cancelled by request".into(),
-            cancelled: true,
-        }
+        Stop { stage, message: "cancelled by request".into(), cancelled: true }
     }
 }
 
@@ -83,16 +75,9 @@ impl Pipeline {
         };
         let correlation = req.correlation_id.clone().unwrap_or_else(|| id.to_string());
         let volume = self.backend.describe(&req.volume_name);
-        let ctx = JobCtx {
-            id,
-            correlation: &correlation,
-            volume: &volume,
-        };
+        let ctx = JobCtx { id, correlation: &correlation, volume: &volume };
         let started = Instant::now();
-        log::info!(
-            "{ctx} stage=queued: started, image {}",
-            redact(&req.image_url)
-        );
+        log::info!("{ctx} stage=queued: started, image {}", redact(&req.image_url));
         let mut undo = Undo::default();
         let outcome = self.stages(id, &ctx, &req, &cancel, &mut undo);
         let secs = started.elapsed().as_secs_f64();
@@ -103,22 +88,12 @@ impl Pipeline {
             }
             Err(stop) => {
                 let rollback = self.roll_back(&ctx, undo);
-                let status = if stop.cancelled {
-                    Status::Cancelled
-                } else {
-                    Status::Failed
-                };
+                let status = if stop.cancelled { Status::Cancelled } else { Status::Failed };
                 let error = format!("{}: {}{rollback}", stop.stage, stop.message);
                 if stop.cancelled {
-                    log::info!(
-                        "{ctx} stage={}: cancelled after {secs:.1}s{rollback}",
-                        stop.stage
-                    );
+                    log::info!("{ctx} stage={}: cancelled after {secs:.1}s{rollback}", stop.stage);
                 } else {
-                    log::error!(
-                        "{ctx} stage={}: job failed after {secs:.1}s: {error}",
-                        stop.stage
-                    );
+                    log::error!("{ctx} stage={}: job failed after {secs:.1}s: {error}", stop.stage);
                 }
                 self.table.finish(id, status, Some(error));
             }
@@ -198,8 +173,7 @@ impl Pipeline {
             ImageType::Qcow2 => total,
             ImageType::Raw => image_len,
         };
-        self.table
-            .progress(id, Stage::Finalizing, written, Some(written));
+        self.table.progress(id, Stage::Finalizing, written, Some(written));
         Ok(())
     }
 
@@ -262,9 +236,7 @@ impl Pipeline {
                         .fetcher
                         .download(&req.image_url, &mut file, cancel, &mut |done, total| {
                             flight.bytes_done.store(done, Ordering::Relaxed);
-                            flight
-                                .bytes_total
-                                .store(total.unwrap_or(u64::MAX), Ordering::Relaxed);
+                            flight.bytes_total.store(total.unwrap_or(u64::MAX), Ordering::Relaxed);
                             self.table.progress(id, stage, done, total);
                         })
                         .map_err(|e| match e {
@@ -326,10 +298,7 @@ impl Pipeline {
                 }
             }
         }
-        Err(Stop::fail(
-            stage,
-            "the shared download of this image failed repeatedly",
-        ))
+        Err(Stop::fail(stage, "the shared download of this image failed repeatedly"))
     }
 
     fn use_entry(&self, id: JobId, entry: PathBuf, digest: &str, hit: bool) -> (PathBuf, u64) {
@@ -350,10 +319,7 @@ impl Pipeline {
     fn roll_back(&self, ctx: &JobCtx, undo: Undo) -> String {
         if let Some(temp) = undo.temp_file {
             if let Err(e) = fs::remove_file(&temp) {
-                log::error!(
-                    "{ctx}: could not remove {}: {e}; remove it by hand",
-                    temp.display()
-                );
+                log::error!("{ctx}: could not remove {}: {e}; remove it by hand", temp.display());
             }
         }
         match undo.volume {

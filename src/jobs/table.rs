@@ -67,20 +67,13 @@ impl JobTable {
     }
 
     pub fn correlation_id(&self, id: JobId) -> Option<String> {
-        self.inner
-            .lock()
-            .unwrap()
-            .jobs
-            .get(&id)
-            .map(Job::correlation_id)
+        self.inner.lock().unwrap().jobs.get(&id).map(Job::correlation_id)
     }
 
     pub fn cancel(&self, id: JobId) -> Result<Cancelled, ApiError> {
         let mut inner = self.inner.lock().unwrap();
-        let job = inner
-            .jobs
-            .get_mut(&id)
-            .ok_or_else(|| ApiError::not_found(format!("no job {id}")))?;
+        let job =
+            inner.jobs.get_mut(&id).ok_or_else(|| ApiError::not_found(format!("no job {id}")))?;
         match job.status {
             Status::Pending => {
                 job.cancel.store(true, Ordering::SeqCst);
@@ -131,7 +124,8 @@ impl JobTable {
                 _ => 0,
             };
             job.progress.stage = stage;
-            job.progress.percent = job.progress.percent.max(lo + within);
+            // 100 is kept for `completed`, which `finish` sets.
+            job.progress.percent = job.progress.percent.max(lo + within).min(99);
             job.progress.bytes_processed = done;
             job.progress.bytes_total = total;
         });
@@ -188,11 +182,7 @@ mod tests {
         let (_, flag) = t.start(b).unwrap();
         assert_eq!(t.cancel(b), Ok(Cancelled::Requested));
         assert!(flag.load(Ordering::SeqCst));
-        assert_eq!(
-            t.view(b).unwrap().status,
-            Status::Running,
-            "running until rolled back"
-        );
+        assert_eq!(t.view(b).unwrap().status, Status::Running, "running until rolled back");
     }
 
     #[test]
@@ -202,10 +192,7 @@ mod tests {
         assert_eq!(t.insert(request("v")).unwrap_err().status, 409);
         t.start(a).unwrap();
         t.finish(a, Status::Failed, Some("x".into()));
-        assert!(
-            t.insert(request("v")).is_ok(),
-            "a finished job frees the volume"
-        );
+        assert!(t.insert(request("v")).is_ok(), "a finished job frees the volume");
     }
 
     #[test]
@@ -221,5 +208,10 @@ mod tests {
         assert_eq!(t.view(a).unwrap().progress.percent, 50);
         t.progress(a, Stage::Converting, 100, Some(100));
         assert_eq!(t.view(a).unwrap().progress.percent, 98);
+        t.progress(a, Stage::Finalizing, 100, Some(100));
+        assert_eq!(t.view(a).unwrap().progress.percent, 99, "100 only once completed");
+        t.start(a).unwrap();
+        t.finish(a, Status::Completed, None);
+        assert_eq!(t.view(a).unwrap().progress.percent, 100);
     }
 }

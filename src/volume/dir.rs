@@ -18,9 +18,7 @@ pub struct DirBackend {
 impl DirBackend {
     pub fn new(dir: &Path) -> io::Result<DirBackend> {
         fs::create_dir_all(dir)?;
-        Ok(DirBackend {
-            dir: dir.canonicalize()?,
-        })
+        Ok(DirBackend { dir: dir.canonicalize()? })
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -54,10 +52,7 @@ impl VolumeBackend for DirBackend {
                 if !size_is_reusable(meta.len(), size) {
                     return Err(VolumeError::size_mismatch(&shown, meta.len(), size));
                 }
-                log::info!(
-                    "reusing existing volume file {shown} ({} bytes)",
-                    meta.len()
-                );
+                log::info!("reusing existing volume file {shown} ({} bytes)", meta.len());
                 Ok(Volume {
                     name: name.into(),
                     path,
@@ -81,13 +76,7 @@ impl VolumeBackend for DirBackend {
                     return Err(VolumeError::backend(&shown, "create", e));
                 }
                 log::info!("created volume file {shown} ({size} bytes, sparse)");
-                Ok(Volume {
-                    name: name.into(),
-                    path,
-                    size,
-                    created: true,
-                    reads_as_zero: true,
-                })
+                Ok(Volume { name: name.into(), path, size, created: true, reads_as_zero: true })
             }
             Err(e) => Err(VolumeError::backend(&shown, "look up", e)),
         }
@@ -159,10 +148,7 @@ mod tests {
         std::os::unix::fs::symlink("/etc/hostname", dir.join("evil")).unwrap();
         let err = b.prepare("evil", 1 << 20, "j").unwrap_err();
         assert_eq!(err.kind, VolumeErrorKind::NotAVolume);
-        assert!(
-            fs::read_link(dir.join("evil")).is_ok(),
-            "the link is left alone"
-        );
+        assert!(fs::read_link(dir.join("evil")).is_ok(), "the link is left alone");
         fs::remove_dir_all(&dir).unwrap();
     }
 }

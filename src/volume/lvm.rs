@@ -115,10 +115,7 @@ impl VolumeBackend for LvmBackend {
             if !size_is_reusable(lv.size, size) {
                 return Err(VolumeError::size_mismatch(&shown, lv.size, size));
             }
-            log::info!(
-                "reusing existing logical volume {shown} ({} bytes)",
-                lv.size
-            );
+            log::info!("reusing existing logical volume {shown} ({} bytes)", lv.size);
             return Ok(Volume {
                 name: name.into(),
                 path: self.device(name),
@@ -224,23 +221,10 @@ pub fn parse_lvs(json: &str) -> Result<Vec<LvInfo>, String> {
     let mut out = Vec::new();
     for row in report.report.into_iter().flat_map(|r| r.lv) {
         let size = row.lv_size.trim().parse().map_err(|_| {
-            format!(
-                "lvs size {:?} of {} is not a byte count",
-                row.lv_size, row.lv_name
-            )
+            format!("lvs size {:?} of {} is not a byte count", row.lv_size, row.lv_name)
         })?;
-        let tags = row
-            .lv_tags
-            .split(',')
-            .filter(|t| !t.is_empty())
-            .map(String::from)
-            .collect();
-        out.push(LvInfo {
-            name: row.lv_name,
-            size,
-            attr: row.lv_attr,
-            tags,
-        });
+        let tags = row.lv_tags.split(',').filter(|t| !t.is_empty()).map(String::from).collect();
+        out.push(LvInfo { name: row.lv_name, size, attr: row.lv_attr, tags });
     }
     Ok(out)
 }
@@ -279,10 +263,7 @@ mod tests {
         assert_eq!(lvs[0].name, "vm-one");
         assert_eq!(lvs[0].size, 104_857_600);
         assert!(lvs[0].is_ours(), "tagged by us");
-        assert_eq!(
-            lvs[0].tags[1],
-            "lvp-job-550e8400-e29b-41d4-a716-446655440000"
-        );
+        assert_eq!(lvs[0].tags[1], "lvp-job-550e8400-e29b-41d4-a716-446655440000");
         assert_eq!(lvs[1].size, 209_715_200);
         assert!(!lvs[1].is_ours() && lvs[1].tags.is_empty());
         // Without device-mapper lvm2 reports the open state as 'X' (unknown).
@@ -335,9 +316,6 @@ mod tests {
                 "vg0",
             ]
         );
-        assert_eq!(
-            lvremove_argv("vg0", "vm-1"),
-            ["lvremove", "--yes", "vg0/vm-1"]
-        );
+        assert_eq!(lvremove_argv("vg0", "vm-1"), ["lvremove", "--yes", "vg0/vm-1"]);
     }
 }
