@@ -208,7 +208,8 @@ impl Cache {
             }
             let source = self.read_record(&sha).map(|r| r.source);
             let needed = keep_digests.contains(&sha)
-                || source.is_some_and(|s| keep_sources.iter().any(|k| crate::fetch::redact(k) == s));
+                || source
+                    .is_some_and(|s| keep_sources.iter().any(|k| crate::fetch::redact(k) == s));
             if needed {
                 continue;
             }
@@ -216,7 +217,9 @@ impl Cache {
                 Ok(()) => {
                     let _ = fs::remove_file(self.record_path(&sha));
                     total -= size;
-                    log::info!("evicted cache entry {sha} ({size} bytes) to stay under the size limit");
+                    log::info!(
+                        "evicted cache entry {sha} ({size} bytes) to stay under the size limit"
+                    );
                 }
                 Err(e) => log::warn!("could not evict cache entry {sha}: {e}"),
             }
@@ -248,7 +251,13 @@ impl Cache {
     /// Makes a verified download an entry: data to disk, its record, the
     /// rename, then the directory to disk so the rename itself survives a
     /// power cut.
-    pub fn commit(&self, temp: &Path, file: File, sha256: &str, source: &str) -> io::Result<PathBuf> {
+    pub fn commit(
+        &self,
+        temp: &Path,
+        file: File,
+        sha256: &str,
+        source: &str,
+    ) -> io::Result<PathBuf> {
         file.sync_all()?;
         let size = file.metadata()?.len();
         drop(file);
@@ -351,7 +360,10 @@ mod tests {
         }
         cache.evict(2000, &[], &["http://h/needed".to_string()]);
         assert!(!cache.entry_path(&old).exists(), "the oldest entry no job needs goes first");
-        assert!(cache.entry_path(&needed).exists(), "an entry a job needs stays, though it is older");
+        assert!(
+            cache.entry_path(&needed).exists(),
+            "an entry a job needs stays, though it is older"
+        );
         assert!(cache.entry_path(&new).exists());
         fs::remove_dir_all(&dir).unwrap();
     }

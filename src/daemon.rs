@@ -36,8 +36,10 @@ const ROLLBACK_GRACE: Duration = Duration::from_secs(60);
 /// error only for a fatal start-up problem.
 pub fn run(config: Config) -> Result<(), String> {
     let started = Instant::now();
-    let (table, interrupted) = JobTable::open(&config.state_dir, config.retention)
-        .map_err(|e| format!("--state-dir {}: cannot read the job journal: {e}", config.state_dir.display()))?;
+    let (table, interrupted) =
+        JobTable::open(&config.state_dir, config.retention).map_err(|e| {
+            format!("--state-dir {}: cannot read the job journal: {e}", config.state_dir.display())
+        })?;
     let table = Arc::new(table);
     let cache = Cache::open(&config.cache_dir)
         .map_err(|e| format!("--cache-dir {}: {e}", config.cache_dir.display()))?;

@@ -209,21 +209,22 @@ impl Fetcher {
         };
         let length = header("content-length").and_then(|v| v.parse::<u64>().ok());
         match code {
-            206 if resuming => match header("content-range").as_deref().and_then(parse_content_range)
-            {
-                Some((start, size)) if start == st.done => {
-                    log::info!("{}: resumed at byte {start}", st.shown);
-                    st.total = size.or(st.total);
+            206 if resuming => {
+                match header("content-range").as_deref().and_then(parse_content_range) {
+                    Some((start, size)) if start == st.done => {
+                        log::info!("{}: resumed at byte {start}", st.shown);
+                        st.total = size.or(st.total);
+                    }
+                    _ => {
+                        // A range we did not ask for: trust nothing, start over.
+                        st.validator = None;
+                        return Err(Attempt::Retry(FetchError::Broken {
+                            url: st.shown.clone(),
+                            reason: "server answered a different byte range than asked".into(),
+                        }));
+                    }
                 }
-                _ => {
-                    // A range we did not ask for: trust nothing, start over.
-                    st.validator = None;
-                    return Err(Attempt::Retry(FetchError::Broken {
-                        url: st.shown.clone(),
-                        reason: "server answered a different byte range than asked".into(),
-                    }));
-                }
-            },
+            }
             200..=299 => {
                 if resuming {
                     log::info!("{}: server sent the whole object again; starting over", st.shown);
@@ -257,7 +258,8 @@ impl Fetcher {
                 }
             };
             st.hasher.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(|source| Attempt::Fatal(FetchError::Write { source }))?;
+            out.write_all(&buf[..n])
+                .map_err(|source| Attempt::Fatal(FetchError::Write { source }))?;
             st.done += n as u64;
             progress(st.done, st.total);
         }

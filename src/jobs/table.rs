@@ -315,7 +315,8 @@ impl JobTable {
                 _ => 0,
             };
             job.progress.stage = stage;
-            job.progress.percent = job.progress.percent.max(lo + within);
+            // 100 is kept for `completed`, which `finish` sets.
+            job.progress.percent = job.progress.percent.max(lo + within).min(99);
             job.progress.bytes_processed = done;
             job.progress.bytes_total = total;
         });
@@ -458,6 +459,11 @@ mod tests {
         assert_eq!(t.view(a).unwrap().progress.percent, 50);
         t.progress(a, Stage::Converting, 100, Some(100));
         assert_eq!(t.view(a).unwrap().progress.percent, 98);
+        t.progress(a, Stage::Finalizing, 100, Some(100));
+        assert_eq!(t.view(a).unwrap().progress.percent, 99, "100 only once completed");
+        t.start(a).unwrap();
+        t.finish(a, Status::Completed, None);
+        assert_eq!(t.view(a).unwrap().progress.percent, 100);
     }
 
     #[test]
