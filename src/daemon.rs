@@ -36,6 +36,10 @@ const ROLLBACK_GRACE: Duration = Duration::from_secs(60);
 /// error only for a fatal start-up problem.
 pub fn run(config: Config) -> Result<(), String> {
     let started = Instant::now();
+    // Two daemons on one state or cache directory would sweep each other's
+    // downloads and replay each other's journal: refuse the second.
+    lock_dir(&config.state_dir, "lock", "--state-dir")?;
+    lock_dir(&config.cache_dir, ".lvp-lock", "--cache-dir")?;
     let (table, interrupted) =
         JobTable::open(&config.state_dir, config.retention).map_err(|e| {
             format!("--state-dir {}: cannot read the job journal: {e}", config.state_dir.display())
@@ -110,6 +114,28 @@ pub fn run(config: Config) -> Result<(), String> {
     // and HTTP threads end with the process.
     drop(workers);
     log::info!("stopped");
+    Ok(())
+}
+
+/// Takes an exclusive lock on `<dir>/<name>` for the life of the process.
+fn lock_dir(dir: &std::path::Path, name: &str, flag: &str) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("{flag} {}: cannot open {} ({e})", dir.display(), path.display()))?;
+    // SAFETY: flock on a descriptor we own; no memory is shared.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(format!(
+            "{flag} {} is in use by another libvirt-volume-provisioner; stop it or use another directory",
+            dir.display()
+        ));
+    }
+    // Held until the process exits.
+    std::mem::forget(file);
     Ok(())
 }
 

@@ -402,12 +402,12 @@ pub fn recover_interrupted(table: &JobTable, backend: &dyn VolumeBackend, jobs: 
                 }
             }
         };
-        let was = if job.status == Status::Pending {
-            "waiting to start".to_string()
-        } else {
-            format!("at stage {stage}")
+        let (was, swept) = match (job.status, stage) {
+            (Status::Pending, _) => ("waiting to start".to_string(), ""),
+            (_, Stage::Downloading) => ("downloading".to_string(), "; its partial download was deleted"),
+            (_, stage) => (format!("at stage {stage}"), ""),
         };
-        let error = format!("{stage}: the daemon restarted while the job was {was}{undone}");
+        let error = format!("{stage}: the daemon restarted while the job was {was}{swept}{undone}");
         log::warn!("job {} interrupted by a restart: {error}", job.id);
         table.recover(job.id, error);
     }
