@@ -31,6 +31,7 @@ pub fn run(config: Config) -> Result<(), String> {
         backend: config.backend,
         fetcher: Fetcher::new(config.download_timeout),
         require_digest: config.require_digest,
+        keep_tail: config.keep_tail,
     });
     let backend_kind = pipeline.backend.kind();
     let (queue, _workers) = Queue::start(config.workers, config.queue, Arc::clone(&pipeline));

@@ -40,6 +40,8 @@ pub struct Pipeline {
     pub backend: Box<dyn VolumeBackend>,
     pub fetcher: Fetcher,
     pub require_digest: bool,
+    /// Leave a volume's bytes after the image as they are (`--keep-tail`).
+    pub keep_tail: bool,
 }
 
 /// Why a job stopped.
@@ -167,12 +169,20 @@ impl Pipeline {
                 Stop::fail(write_stage, format!("write {}: {}", ctx.volume, chain(&e)))
             }
         })?;
-        // The write functions flushed the volume; nothing may fail after this.
-        log::info!("{ctx} stage=finalizing: volume flushed to stable storage");
         let written = match req.image_type {
             ImageType::Qcow2 => total,
             ImageType::Raw => image_len,
         };
+        self.table.progress(id, Stage::Finalizing, 0, Some(written));
+        log::info!("{ctx} stage=finalizing: entered");
+        write::finish_volume(&volume, written, self.keep_tail, cancel).map_err(|e| {
+            if e.is_cancel() {
+                Stop::cancelled(Stage::Finalizing)
+            } else {
+                Stop::fail(Stage::Finalizing, format!("finish {}: {}", ctx.volume, chain(&e)))
+            }
+        })?;
+        log::info!("{ctx} stage=finalizing: volume flushed to stable storage");
         self.table.progress(id, Stage::Finalizing, written, Some(written));
         Ok(())
     }
