@@ -84,6 +84,10 @@ pub struct Serve {
     #[argh(switch)]
     pub require_digest: bool,
 
+    /// leave a volume's old bytes after the image's end instead of zeroing them
+    #[argh(switch)]
+    pub keep_tail: bool,
+
     /// most client connections open at once (default 128)
     #[argh(option, default = "128")]
     pub max_connections: usize,

@@ -61,6 +61,7 @@ pub fn run(config: Config) -> Result<(), String> {
         require_digest: config.require_digest,
         verify_cache: config.verify_cache,
         cache_max_bytes: config.cache_max_bytes,
+        keep_tail: config.keep_tail,
     });
     let backend_kind = pipeline.backend.kind();
     let (queue, workers) = Queue::start(config.workers, config.queue, Arc::clone(&pipeline));
@@ -121,12 +122,10 @@ pub fn run(config: Config) -> Result<(), String> {
 fn lock_dir(dir: &std::path::Path, name: &str, flag: &str) -> Result<(), String> {
     use std::os::fd::AsRawFd;
     let path = dir.join(name);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| format!("{flag} {}: cannot open {} ({e})", dir.display(), path.display()))?;
+    let file =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(
+            |e| format!("{flag} {}: cannot open {} ({e})", dir.display(), path.display()),
+        )?;
     // SAFETY: flock on a descriptor we own; no memory is shared.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Err(format!(

@@ -78,8 +78,8 @@ pub fn convert_qcow2(
             progress(pct);
         }
     })
-    .map_err(WriteError::Convert)?;
-    sync_volume(&volume.path)
+    .map(|_| ())
+    .map_err(WriteError::Convert)
 }
 
 /// Reads qemu-img's `    (45.12/100%)` progress lines.
@@ -115,15 +115,56 @@ pub fn copy_raw(
         done += want as u64;
         progress(done);
     }
-    dst.sync_data().map_err(WriteError::Io)?;
     Ok(())
 }
 
-/// Flushes the volume's data to stable storage (fdatasync on the file or
-/// block device).
-pub fn sync_volume(path: &Path) -> Result<(), WriteError> {
-    let f = OpenOptions::new().write(true).open(path).map_err(WriteError::Io)?;
+/// Ends a write: zeroes the volume from `image_end` to its end unless it
+/// provably reads as zeros there (or `keep_tail`), then flushes the
+/// volume's data to stable storage (fdatasync on the file or device).
+///
+/// Without the zeroing, a reused volume, or a new plain LV on extents an
+/// old LV used, would show the guest whatever lay there before: another
+/// tenant's data, or an old partition table's backup GPT at the end.
+pub fn finish_volume(
+    volume: &Volume,
+    image_end: u64,
+    keep_tail: bool,
+    cancel: &AtomicBool,
+) -> Result<(), WriteError> {
+    let f = OpenOptions::new().write(true).open(&volume.path).map_err(WriteError::Io)?;
+    if !volume.reads_as_zero && !keep_tail && volume.size > image_end {
+        zero_range(&f, image_end, volume.size - image_end, cancel)?;
+    }
     f.sync_data().map_err(WriteError::Io)
+}
+
+/// Makes `len` bytes from `offset` read as zeros: by fallocate where the
+/// file system or device can (no data written), else by writing zeros.
+fn zero_range(f: &File, offset: u64, len: u64, cancel: &AtomicBool) -> Result<(), WriteError> {
+    use std::os::fd::AsRawFd;
+    for mode in [
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+    ] {
+        // SAFETY: fallocate on a descriptor we own, with in-range values.
+        let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as i64, len as i64) };
+        if rc == 0 {
+            return Ok(());
+        }
+    }
+    log::debug!("fallocate cannot zero here; writing {len} zero bytes");
+    let zeros = vec![0u8; BLOCK];
+    let mut done = 0u64;
+    while done < len {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(WriteError::Cancelled);
+        }
+        let n = (len - done).min(BLOCK as u64) as usize;
+        std::os::unix::fs::FileExt::write_all_at(f, &zeros[..n], offset + done)
+            .map_err(WriteError::Io)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -22,6 +22,11 @@ use crate::error::ApiError;
 /// sender: enough for a request or a status reply, small per connection.
 const BUFFER_LIMIT: usize = 64 * 1024;
 
+/// How long a refused request's remaining bytes are read and dropped
+/// after the answer, and how many at most, before the socket is closed.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 16 << 20;
+
 /// Deadlines for one connection.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -58,6 +63,11 @@ struct State {
     backend_eof: bool,
     /// A framing error was answered: flush the answer, then close.
     closing: bool,
+    /// After the answer went out: until when the rest of the client's
+    /// request is read and thrown away before the socket is closed.
+    linger_until: Option<Instant>,
+    /// Client bytes thrown away while closing.
+    discarded: usize,
 }
 
 impl Bridge {
@@ -88,6 +98,8 @@ impl Bridge {
             backend_write_shut: false,
             backend_eof: false,
             closing: false,
+            linger_until: None,
+            discarded: 0,
         };
         if let Some(tls) = st.tls.as_mut() {
             // Backpressure is applied by polling, not by rustls' limit.
@@ -162,7 +174,6 @@ impl State {
         peers: &PeerTable,
     ) -> Result<bool, Done> {
         let read_client = !self.client_eof
-            && !self.closing
             && self.to_backend.len() < BUFFER_LIMIT
             && self.tls.as_ref().is_none_or(|t| t.wants_read());
         let write_client = self.client_wants_write();
@@ -171,7 +182,22 @@ impl State {
         let write_backend = backend_open && !self.to_backend.is_empty();
 
         if self.closing && !write_client {
-            return Err(Done);
+            // Closing at once with unread request bytes would make the
+            // kernel reset the connection, and a client still sending its
+            // body would get the reset instead of our answer. So: stop
+            // writing, read and drop what the client still sends, then
+            // close (RFC 9112 section 9.6).
+            let now = Instant::now();
+            match self.linger_until {
+                None => {
+                    let _ = self.client.shutdown(Shutdown::Write);
+                    self.linger_until = Some(now + LINGER);
+                }
+                Some(until) if now >= until || self.client_eof || self.discarded > LINGER_BYTES => {
+                    return Err(Done);
+                }
+                Some(_) => {}
+            }
         }
         if self.backend_eof && !write_client && self.to_client.is_empty() {
             if let Some(tls) = self.tls.as_mut() {
@@ -298,6 +324,10 @@ impl State {
     /// Checks client bytes and queues what may go to tiny_http; a framing
     /// error is answered by the front door itself and ends the connection.
     fn frame(&mut self, bytes: &[u8]) {
+        if self.closing {
+            self.discarded += bytes.len();
+            return;
+        }
         if let Err(err) = self.framer.feed(bytes, &mut self.to_backend) {
             self.closing = true;
             self.to_backend.clear();
@@ -305,6 +335,7 @@ impl State {
             match self.tls.as_mut() {
                 Some(tls) => {
                     let _ = tls.writer().write_all(&reply);
+                    tls.send_close_notify();
                 }
                 None => self.to_client.extend_from_slice(&reply),
             }

@@ -44,6 +44,8 @@ pub struct Pipeline {
     pub verify_cache: bool,
     /// Evict least recently used entries past this size (`--cache-max-gb`).
     pub cache_max_bytes: Option<u64>,
+    /// Leave a volume's bytes after the image as they are (`--keep-tail`).
+    pub keep_tail: bool,
 }
 
 /// Why a job stopped.
@@ -185,12 +187,20 @@ impl Pipeline {
                 Stop::fail(write_stage, format!("write {}: {}", ctx.volume, chain(&e)))
             }
         })?;
-        // The write functions flushed the volume; nothing may fail after this.
-        log::info!("{ctx} stage=finalizing: volume flushed to stable storage");
         let written = match req.image_type {
             ImageType::Qcow2 => total,
             ImageType::Raw => image_len,
         };
+        self.table.progress(id, Stage::Finalizing, 0, Some(written));
+        log::info!("{ctx} stage=finalizing: entered");
+        write::finish_volume(&volume, written, self.keep_tail, cancel).map_err(|e| {
+            if e.is_cancel() {
+                Stop::cancelled(Stage::Finalizing)
+            } else {
+                Stop::fail(Stage::Finalizing, format!("finish {}: {}", ctx.volume, chain(&e)))
+            }
+        })?;
+        log::info!("{ctx} stage=finalizing: volume flushed to stable storage");
         self.table.progress(id, Stage::Finalizing, written, Some(written));
         Ok(())
     }
@@ -404,7 +414,9 @@ pub fn recover_interrupted(table: &JobTable, backend: &dyn VolumeBackend, jobs: 
         };
         let (was, swept) = match (job.status, stage) {
             (Status::Pending, _) => ("waiting to start".to_string(), ""),
-            (_, Stage::Downloading) => ("downloading".to_string(), "; its partial download was deleted"),
+            (_, Stage::Downloading) => {
+                ("downloading".to_string(), "; its partial download was deleted")
+            }
             (_, stage) => (format!("at stage {stage}"), ""),
         };
         let error = format!("{stage}: the daemon restarted while the job was {was}{swept}{undone}");

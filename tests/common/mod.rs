@@ -1,0 +1,1106 @@
+//! Helpers shared by the integration tests, which drive the real daemon
+//! binary over real sockets:
+//!
+//! - [`TestDir`]: a unique directory under Cargo's target tmpdir, kept when
+//!   the test fails so its daemon log and volumes can be read.
+//! - [`Pki`]: a test CA, server and client certificates made with rcgen at
+//!   test time, plus an unrelated CA with its own client certificate.
+//! - [`ImageServer`]: a tiny_http server that serves a directory, counts
+//!   GETs per path and can trickle chosen files slowly.
+//! - [`Daemon`]: `libvirt-volume-provisioner serve` on a free loopback port,
+//!   killed and reaped on drop, its log printed when the test fails.
+//! - [`Api`]: a ureq client with the test CA as its only root.
+//! - Image builders that use the real `mkfs.ext4` and `qemu-img`.
+//!
+//! Every helper panics with the whole story (command, stderr, daemon log)
+//! instead of returning errors: a test is a script, and the first surprise
+//! ends it.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use serde_json::{json, Value};
+use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig};
+
+/// The daemon under test, as Cargo built it for this test run.
+pub const BIN: &str = env!("CARGO_BIN_EXE_libvirt-volume-provisioner");
+
+/// How long the daemon may take to open its port.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Per-request limit for the API client, so a hung daemon fails the test
+/// instead of hanging the suite.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often `wait_*` polls the status endpoint.
+const POLL: Duration = Duration::from_millis(25);
+
+pub const GIB: u64 = 1 << 30;
+pub const MIB: u64 = 1 << 20;
+
+// ---------------------------------------------------------------- TestDir
+
+/// A fresh directory for one test, removed on drop only if the test passed
+/// (set `LVP_KEEP_TEST_DIRS=1` to keep it anyway).
+pub struct TestDir {
+    path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
+        let unique = format!(
+            "{name}-{}-{}-{nanos}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("lvp-it").join(unique);
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        TestDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn join(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.path.join(rel)
+    }
+
+    /// Creates `rel` (and its parents) and returns its path.
+    pub fn mkdir(&self, rel: impl AsRef<Path>) -> PathBuf {
+        let p = self.join(rel);
+        fs::create_dir_all(&p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
+        p
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!("test failed; keeping {} for a look", self.path.display());
+        } else if std::env::var_os("LVP_KEEP_TEST_DIRS").is_some() {
+            eprintln!("LVP_KEEP_TEST_DIRS is set; keeping {}", self.path.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- PKI
+
+/// PEM files for a test CA, a server certificate for `localhost` and
+/// `127.0.0.1`, a client certificate (CN=test-client), and an unrelated CA
+/// with its own client certificate (CN=rogue-client).
+pub struct Pki {
+    pub ca_cert: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub other_ca_cert: PathBuf,
+    pub other_client_cert: PathBuf,
+    pub other_client_key: PathBuf,
+}
+
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        Ca { cert, key }
+    }
+
+    fn issue(&self, cn: &str, sans: &[&str], usage: ExtendedKeyUsagePurpose) -> (String, String) {
+        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        let mut params = CertificateParams::new(sans).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![usage];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+impl Pki {
+    /// Makes the certificates and writes them under `dir/pki`.
+    pub fn create(dir: &TestDir) -> Pki {
+        let pki = dir.mkdir("pki");
+        let write = |name: &str, pem: &str| {
+            let p = pki.join(name);
+            fs::write(&p, pem).unwrap();
+            p
+        };
+        let ca = Ca::new("lvp test CA");
+        let (server_pem, server_key) =
+            ca.issue("localhost", &["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
+        let (client_pem, client_key) =
+            ca.issue("test-client", &[], ExtendedKeyUsagePurpose::ClientAuth);
+        let other = Ca::new("unrelated CA");
+        let (other_pem, other_key) =
+            other.issue("rogue-client", &[], ExtendedKeyUsagePurpose::ClientAuth);
+        Pki {
+            ca_cert: write("ca.pem", &ca.cert.pem()),
+            server_cert: write("server.pem", &server_pem),
+            server_key: write("server.key", &server_key),
+            client_cert: write("client.pem", &client_pem),
+            client_key: write("client.key", &client_key),
+            other_ca_cert: write("other-ca.pem", &other.cert.pem()),
+            other_client_cert: write("other-client.pem", &other_pem),
+            other_client_key: write("other-client.key", &other_key),
+        }
+    }
+
+    /// A TLS client config that trusts the test CA and presents `client`,
+    /// a (certificate, key) pair of PEM files, when given.
+    pub fn tls(&self, client: Option<(&Path, &Path)>) -> TlsConfig {
+        let ca = Certificate::from_pem(&fs::read(&self.ca_cert).unwrap()).unwrap();
+        let cert = client.map(|(cert, key)| {
+            let cert = Certificate::from_pem(&fs::read(cert).unwrap()).unwrap();
+            let key = PrivateKey::from_pem(&fs::read(key).unwrap()).unwrap();
+            ClientCert::new_with_certs(&[cert], key)
+        });
+        TlsConfig::builder().root_certs(RootCerts::new_with_certs(&[ca])).client_cert(cert).build()
+    }
+
+    pub fn client(&self) -> (&Path, &Path) {
+        (&self.client_cert, &self.client_key)
+    }
+
+    pub fn other_client(&self) -> (&Path, &Path) {
+        (&self.other_client_cert, &self.other_client_key)
+    }
+}
+
+// ---------------------------------------------------------------- ImageServer
+
+/// How a slow path is served: `chunk` bytes, then a pause of `delay`.
+#[derive(Clone, Copy, Debug)]
+pub struct Slow {
+    pub chunk: usize,
+    pub delay: Duration,
+}
+
+#[derive(Default)]
+struct ServerState {
+    gets: Mutex<HashMap<String, usize>>,
+    requests: AtomicUsize,
+    slow: Mutex<HashMap<String, Slow>>,
+    /// Set on drop, so slow responses stop trickling.
+    stopping: AtomicBool,
+}
+
+/// A plain HTTP server on 127.0.0.1 serving the files of one directory.
+pub struct ImageServer {
+    server: Arc<tiny_http::Server>,
+    state: Arc<ServerState>,
+    root: PathBuf,
+    port: u16,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ImageServer {
+    pub fn start(root: &Path) -> ImageServer {
+        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("start image server"));
+        let port = server.server_addr().to_ip().expect("an IP address").port();
+        let state = Arc::new(ServerState::default());
+        let thread = {
+            let (server, state, root) = (Arc::clone(&server), Arc::clone(&state), root.to_owned());
+            thread::Builder::new()
+                .name("image-server".into())
+                .spawn(move || {
+                    // One thread per request: a slow download must not hold
+                    // up the sidecar fetch of another job.
+                    while let Ok(request) = server.recv() {
+                        let (state, root) = (Arc::clone(&state), root.clone());
+                        thread::spawn(move || serve_file(&root, &state, request));
+                    }
+                })
+                .unwrap()
+        };
+        ImageServer { server, state, root: root.to_owned(), port, thread: Some(thread) }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `http://127.0.0.1:<port>/<name>`.
+    pub fn url(&self, name: &str) -> String {
+        format!("http://127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// GET requests seen for `/<name>`.
+    pub fn gets(&self, name: &str) -> usize {
+        let key = format!("/{}", name.trim_start_matches('/'));
+        self.state.gets.lock().unwrap().get(&key).copied().unwrap_or(0)
+    }
+
+    /// Every request seen, any method, any path.
+    pub fn requests(&self) -> usize {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// Serves `/<name>` `chunk` bytes at a time with a pause between chunks.
+    pub fn set_slow(&self, name: &str, slow: Slow) {
+        let key = format!("/{}", name.trim_start_matches('/'));
+        self.state.slow.lock().unwrap().insert(key, slow);
+    }
+}
+
+impl Drop for ImageServer {
+    fn drop(&mut self) {
+        self.state.stopping.store(true, Ordering::SeqCst);
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_file(root: &Path, state: &Arc<ServerState>, request: tiny_http::Request) {
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    let path = request.url().split('?').next().unwrap_or("/").to_string();
+    if *request.method() == tiny_http::Method::Get {
+        *state.gets.lock().unwrap().entry(path.clone()).or_insert(0) += 1;
+    }
+    let rel = path.trim_start_matches('/');
+    let file = if rel.is_empty() || rel.split('/').any(|s| s == "..") {
+        None
+    } else {
+        File::open(root.join(rel)).ok().filter(|f| f.metadata().is_ok_and(|m| m.is_file()))
+    };
+    let Some(file) = file else {
+        let _ =
+            request.respond(tiny_http::Response::from_string("not found").with_status_code(404));
+        return;
+    };
+    let len = file.metadata().unwrap().len() as usize;
+    let slow = state.slow.lock().unwrap().get(&path).copied();
+    let reader: Box<dyn Read + Send> = match slow {
+        Some(slow) => Box::new(SlowReader { file, slow, left: 0, state: Arc::clone(state) }),
+        None => Box::new(file),
+    };
+    // A Content-Length like an object store sends, not tiny_http's
+    // default of chunked encoding for large bodies.
+    let response =
+        tiny_http::Response::new(tiny_http::StatusCode(200), vec![], reader, Some(len), None)
+            .with_chunked_threshold(usize::MAX);
+    let _ = request.respond(response);
+}
+
+struct SlowReader {
+    file: File,
+    slow: Slow,
+    /// Bytes left before the next pause. tiny_http reads in small pieces,
+    /// so the pause is per chunk, not per read.
+    left: usize,
+    state: Arc<ServerState>,
+}
+
+impl Read for SlowReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.state.stopping.load(Ordering::SeqCst) {
+            return Err(io::Error::other("image server stopping"));
+        }
+        if self.left == 0 {
+            thread::sleep(self.slow.delay);
+            self.left = self.slow.chunk;
+        }
+        let want = buf.len().min(self.left);
+        let n = self.file.read(&mut buf[..want])?;
+        self.left -= n;
+        Ok(n)
+    }
+}
+
+// ---------------------------------------------------------------- Daemon
+
+/// How the daemon authenticates clients.
+#[derive(Clone, Debug)]
+pub struct Auth {
+    /// Pass `--client-ca` (mutual TLS).
+    pub client_ca: bool,
+    /// Pass `--tokens <file>`.
+    pub tokens: Option<PathBuf>,
+}
+
+impl Auth {
+    pub fn mtls() -> Auth {
+        Auth { client_ca: true, tokens: None }
+    }
+}
+
+/// A running `libvirt-volume-provisioner serve`.
+pub struct Daemon {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+    pub volume_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+impl Daemon {
+    /// The `serve` arguments for a daemon on `port` whose directories live
+    /// in `dir`, before any extra argument.
+    pub fn args(dir: &TestDir, pki: &Pki, auth: &Auth, port: u16) -> Vec<String> {
+        let p = |p: &Path| p.display().to_string();
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--backend".into(),
+            "dir".into(),
+            "--volume-dir".into(),
+            p(&dir.join("volumes")),
+            "--cache-dir".into(),
+            p(&dir.join("cache")),
+            "--state-dir".into(),
+            p(&dir.join("state")),
+            "--tls-cert".into(),
+            p(&pki.server_cert),
+            "--tls-key".into(),
+            p(&pki.server_key),
+        ];
+        if auth.client_ca {
+            args.extend(["--client-ca".into(), p(&pki.ca_cert)]);
+        }
+        if let Some(tokens) = &auth.tokens {
+            args.extend(["--tokens".into(), p(tokens)]);
+        }
+        args
+    }
+
+    /// Starts the daemon and waits until its port accepts connections.
+    pub fn start(dir: &TestDir, pki: &Pki, auth: &Auth, extra: &[&str]) -> Daemon {
+        Daemon::start_with(dir, extra, &|port| Daemon::args(dir, pki, auth, port))
+    }
+
+    /// Starts the daemon with the arguments `args` makes for a port, then
+    /// `extra`.
+    pub fn start_with(dir: &TestDir, extra: &[&str], args: &dyn Fn(u16) -> Vec<String>) -> Daemon {
+        // The port is free when we look and taken by the daemon a moment
+        // later; another process may win that race, so retry a few times.
+        for attempt in 1..=3 {
+            let port = free_port();
+            let mut args = args(port);
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let log = dir.join(format!("daemon-{port}.log"));
+            let log_file = File::create(&log).unwrap();
+            let child = Command::new(BIN)
+                .args(&args)
+                .stdin(Stdio::null())
+                .stdout(log_file.try_clone().unwrap())
+                .stderr(log_file)
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawn {BIN}: {e}"));
+            let mut daemon = Daemon {
+                child: Some(child),
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                log,
+                volume_dir: dir.join("volumes"),
+                cache_dir: dir.join("cache"),
+                state_dir: dir.join("state"),
+            };
+            match daemon.wait_ready() {
+                Ok(()) => return daemon,
+                Err(why) => {
+                    let text = daemon.log_text();
+                    if attempt < 3 && text.contains("cannot listen") {
+                        continue;
+                    }
+                    panic!(
+                        "daemon did not start: {why}\nargs: {args:?}\n--- daemon log ---\n{text}"
+                    );
+                }
+            }
+        }
+        unreachable!()
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let child = self.child.as_mut().unwrap();
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return Err(format!("it exited with {status}"));
+            }
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("port {} not open after {START_TIMEOUT:?}", self.addr));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.addr.port())
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn volume(&self, name: &str) -> PathBuf {
+        self.volume_dir.join(name)
+    }
+
+    /// Stops the daemon as `systemctl stop` would (SIGTERM), killing it if
+    /// it is still running 10 s later, and returns how it exited.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        // SAFETY: kill(2) on our own child's pid, which we have not reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().unwrap();
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the daemon with SIGKILL, as the OOM killer or a crash would,
+    /// and reaps it.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if thread::panicking() {
+            eprintln!(
+                "--- daemon log {} ---\n{}--- end of daemon log ---",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Runs `libvirt-volume-provisioner serve <args>` expecting it to refuse to
+/// start; returns its exit status and stderr. Panics if it is still running
+/// after the start timeout (it started after all).
+pub fn serve_expecting_exit(args: &[String]) -> (ExitStatus, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + START_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("daemon started although it should have refused: {args:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    (status, reader.join().unwrap())
+}
+
+// ---------------------------------------------------------------- API client
+
+/// Whether a status JSON shows a job that has ended.
+pub fn is_final(status: &Value) -> bool {
+    matches!(status["status"].as_str(), Some("completed" | "failed" | "cancelled"))
+}
+
+/// One HTTP answer: status, JSON body (`Value::Null` when empty) and headers.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub text: String,
+    pub headers: ureq::http::HeaderMap,
+}
+
+impl Reply {
+    pub fn request_id(&self) -> Option<&str> {
+        self.headers.get("x-request-id").and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts this is an API error with `status` and `code`, and returns
+    /// its `details`.
+    #[track_caller]
+    pub fn expect_error(&self, status: u16, code: &str) -> String {
+        assert_eq!(
+            (self.status, self.body["error"].as_str()),
+            (status, Some(code)),
+            "expected {status} {code}, got {self:#?}"
+        );
+        let obj = self.body.as_object().expect("error body is an object");
+        for field in ["error", "details", "correlation_id"] {
+            assert!(obj.contains_key(field), "error body lacks {field:?}: {}", self.text);
+        }
+        self.body["details"].as_str().expect("details is a string").to_string()
+    }
+}
+
+/// The daemon's HTTPS API, from one client identity.
+pub struct Api {
+    agent: ureq::Agent,
+    base: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Api {
+    pub fn new(base: String, tls: TlsConfig) -> Api {
+        let agent = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .http_status_as_error(false)
+            .timeout_global(Some(REQUEST_TIMEOUT))
+            .build()
+            .into();
+        Api { agent, base, headers: Vec::new() }
+    }
+
+    /// The normal client: test CA as root, the test client certificate.
+    pub fn mtls(daemon: &Daemon, pki: &Pki) -> Api {
+        Api::new(daemon.base_url(), pki.tls(Some(pki.client())))
+    }
+
+    /// Adds a header to every request this client sends.
+    pub fn with_header(mut self, name: &str, value: &str) -> Api {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Sends one request. `Err` is a transport failure (refused handshake,
+    /// reset connection), never an HTTP status.
+    pub fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Reply, ureq::Error> {
+        let url = format!("{}{path}", self.base);
+        let mut resp = match (method, body) {
+            ("GET", _) => self.with_headers(self.agent.get(&url)).call()?,
+            ("DELETE", _) => self.with_headers(self.agent.delete(&url)).call()?,
+            ("POST", body) => self
+                .with_headers(self.agent.post(&url))
+                .header("Content-Type", "application/json")
+                .send(body.unwrap_or_default())?,
+            ("PUT", body) => self
+                .with_headers(self.agent.put(&url))
+                .header("Content-Type", "application/json")
+                .send(body.unwrap_or_default())?,
+            _ => panic!("unsupported method {method}"),
+        };
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.body_mut().read_to_string()?;
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|e| {
+                panic!("{method} {path} answered {status} with a non-JSON body ({e}): {text:?}")
+            })
+        };
+        let reply = Reply { status, body, text, headers };
+        // Every answer, success or error, must carry a request id.
+        assert!(
+            reply.request_id().is_some_and(|id| !id.is_empty()),
+            "{method} {path} answered {status} without X-Request-ID: {reply:#?}"
+        );
+        Ok(reply)
+    }
+
+    fn with_headers<B>(&self, mut req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        for (k, v) in &self.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        req
+    }
+
+    #[track_caller]
+    pub fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> Reply {
+        self.try_request(method, path, body)
+            .unwrap_or_else(|e| panic!("{method} {path} failed at the transport level: {e}"))
+    }
+
+    #[track_caller]
+    pub fn provision(&self, body: &Value) -> Reply {
+        self.request("POST", "/api/v1/provision", Some(body.to_string().as_bytes()))
+    }
+
+    #[track_caller]
+    pub fn provision_raw(&self, body: &[u8]) -> Reply {
+        self.request("POST", "/api/v1/provision", Some(body))
+    }
+
+    /// Provisions and returns the job id, asserting the 202.
+    #[track_caller]
+    pub fn submit(&self, body: &Value) -> String {
+        let r = self.provision(body);
+        assert_eq!(r.status, 202, "provision {body} was not accepted: {r:#?}");
+        r.body["job_id"].as_str().expect("job_id in 202 body").to_string()
+    }
+
+    #[track_caller]
+    pub fn status(&self, id: &str) -> Reply {
+        self.request("GET", &format!("/api/v1/status/{id}"), None)
+    }
+
+    #[track_caller]
+    pub fn cancel(&self, id: &str) -> Reply {
+        self.request("DELETE", &format!("/api/v1/cancel/{id}"), None)
+    }
+
+    /// Polls until the job is completed, failed or cancelled; returns its
+    /// final status JSON.
+    #[track_caller]
+    pub fn wait_final(&self, id: &str, timeout: Duration) -> Value {
+        self.wait_until(id, timeout, "a final status", is_final)
+    }
+
+    /// Polls the job's status until `done` holds; returns that status.
+    #[track_caller]
+    pub fn wait_until(
+        &self,
+        id: &str,
+        timeout: Duration,
+        what: &str,
+        mut done: impl FnMut(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self.status(id);
+            assert_eq!(r.status, 200, "status of {id}: {r:#?}");
+            if done(&r.body) {
+                return r.body;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "job {id} did not reach {what} within {timeout:?}; last status: {:#}",
+                    r.body
+                );
+            }
+            thread::sleep(POLL);
+        }
+    }
+}
+
+/// A reply read off the wire by [`raw_https`].
+#[derive(Debug)]
+pub struct RawReply {
+    pub status: u16,
+    /// Header names in lower case.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl RawReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// Sends `bytes` as they are over a TLS connection with the test client
+/// certificate, then reads the answer until the daemon closes. For what an
+/// HTTP client would not send: a head alone that announces a large body
+/// (as curl's `Expect: 100-continue` does), or chunked framing.
+pub fn raw_https(daemon: &Daemon, pki: &Pki, bytes: &[u8]) -> RawReply {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use std::io::Write;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(&pki.ca_cert).unwrap()).unwrap();
+    let chain = vec![CertificateDer::from_pem_file(&pki.client_cert).unwrap()];
+    let key = PrivateKeyDer::from_pem_file(&pki.client_key).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let tcp = TcpStream::connect(daemon.addr).unwrap();
+    tcp.set_read_timeout(Some(REQUEST_TIMEOUT)).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(bytes).unwrap();
+    tls.flush().unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    // Until EOF, or an error once the daemon hangs up (it may close
+    // without a TLS close_notify after refusing a request).
+    while let Ok(n) = tls.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let (head, body) =
+        text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP reply: {text:?}"));
+    let mut lines = head.lines();
+    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok());
+    let status = status.unwrap_or_else(|| panic!("bad status line: {text:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    RawReply { status, headers, body: body.to_string() }
+}
+
+// ---------------------------------------------------------------- Harness
+
+/// A test directory, certificates, an image server and a daemon with a
+/// client. Fields drop top to bottom: the daemon stops before the
+/// directory it writes into is removed.
+pub struct Harness {
+    pub api: Api,
+    pub daemon: Daemon,
+    pub images: ImageServer,
+    pub pki: Pki,
+    pub dir: TestDir,
+}
+
+impl Harness {
+    /// A mutual-TLS daemon with `extra` arguments.
+    pub fn start(name: &str, extra: &[&str]) -> Harness {
+        Harness::start_with_auth(name, &Auth::mtls(), extra)
+    }
+
+    pub fn start_with_auth(name: &str, auth: &Auth, extra: &[&str]) -> Harness {
+        let dir = TestDir::new(name);
+        let pki = Pki::create(&dir);
+        Harness::start_in(dir, pki, auth, extra)
+    }
+
+    /// Starts in a directory the test has already prepared (a tokens file,
+    /// say).
+    pub fn start_in(dir: TestDir, pki: Pki, auth: &Auth, extra: &[&str]) -> Harness {
+        let images = ImageServer::start(&dir.mkdir("images"));
+        let daemon = Daemon::start(&dir, &pki, auth, extra);
+        let api = Api::mtls(&daemon, &pki);
+        Harness { api, daemon, images, pki, dir }
+    }
+
+    /// Where images served by the image server are written.
+    pub fn image_dir(&self) -> &Path {
+        self.images.root()
+    }
+
+    /// A provision request body for `image` (a file in the image dir).
+    pub fn request(&self, image: &str, volume: &str, size_gb: u64, image_type: &str) -> Value {
+        json!({
+            "image_url": self.images.url(image),
+            "volume_name": volume,
+            "volume_size_gb": size_gb,
+            "image_type": image_type,
+        })
+    }
+}
+
+// ---------------------------------------------------------------- commands
+
+/// Runs a command, panicking with its stdout and stderr if it fails.
+#[track_caller]
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+/// The SHA-256 of a file, hex, by `sha256sum`.
+pub fn sha256_file(path: &Path) -> String {
+    let out = run(Command::new("sha256sum").arg(path));
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+}
+
+/// Writes `<image>.sha256` in `sha256sum` format and returns the digest.
+pub fn write_sidecar(image: &Path) -> String {
+    let digest = sha256_file(image);
+    let name = image.file_name().unwrap().to_string_lossy();
+    fs::write(image.with_file_name(format!("{name}.sha256")), format!("{digest}  {name}\n"))
+        .unwrap();
+    digest
+}
+
+// ---------------------------------------------------------------- images
+
+/// A small ext4 filesystem image with real files, as raw and as
+/// compressed qcow2 holding the same disk.
+pub struct FsImage {
+    /// `<name>.raw`: the filesystem, 64 MiB.
+    pub raw: PathBuf,
+    /// `<name>.qcow2`: the same disk, `qemu-img convert -c`.
+    pub qcow2: PathBuf,
+}
+
+impl FsImage {
+    pub fn raw_name(&self) -> String {
+        self.raw.file_name().unwrap().to_string_lossy().into_owned()
+    }
+
+    pub fn qcow2_name(&self) -> String {
+        self.qcow2.file_name().unwrap().to_string_lossy().into_owned()
+    }
+}
+
+/// Builds `<dir>/<name>.raw` and `<dir>/<name>.qcow2` (with `.sha256`
+/// sidecars) from a directory of text files and a few MiB of pseudo-random
+/// data; `seed` makes the content of different images differ.
+pub fn build_fs_image(dir: &Path, name: &str, seed: u64) -> FsImage {
+    let scratch = dir.parent().unwrap().join(format!("{name}-src"));
+    let src = scratch.join("rootfs");
+    fs::create_dir_all(src.join("etc")).unwrap();
+    fs::write(src.join("etc/hostname"), format!("{name}\n")).unwrap();
+    fs::write(src.join("etc/motd"), "provisioned by an integration test\n".repeat(50)).unwrap();
+    let mut readme = String::new();
+    for i in 0..2000 {
+        readme.push_str(&format!("line {i} of image {name} seed {seed}\n"));
+    }
+    fs::write(src.join("README.txt"), readme).unwrap();
+    fs::create_dir_all(src.join("data")).unwrap();
+    fs::write(src.join("data/random.bin"), pseudo_random(3 * MIB as usize, seed)).unwrap();
+    fs::write(src.join("data/more.bin"), pseudo_random(MIB as usize / 2, seed ^ 0xabcdef)).unwrap();
+
+    let raw = dir.join(format!("{name}.raw"));
+    let qcow2 = dir.join(format!("{name}.qcow2"));
+    run(Command::new("mkfs.ext4").arg("-q").arg("-d").arg(&src).arg(&raw).arg("64M"));
+    run(Command::new("qemu-img")
+        .args(["convert", "-q", "-c", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow2));
+    write_sidecar(&raw);
+    write_sidecar(&qcow2);
+    let _ = fs::remove_dir_all(&scratch);
+    FsImage { raw, qcow2 }
+}
+
+/// Deterministic bytes that do not compress (xorshift64*).
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A qcow2 of `size` bytes (a multiple of 64 KiB) whose every byte is
+/// `pattern`, zstd-compressed: a few hundred KiB per GiB to download, and
+/// every byte real data to write. With a `.sha256` sidecar.
+pub fn build_filled_qcow2(path: &Path, size: u64, pattern: u8) {
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o", "compression_type=zstd"])
+        .arg(path)
+        .arg(size.to_string()));
+    // One qemu-io write may not exceed 2 GiB minus a sector: write 1 GiB
+    // at a time. `-t unsafe` skips the flush at exit, which is most of the
+    // time otherwise.
+    let mut off = 0;
+    while off < size {
+        let len = (size - off).min(GIB);
+        run(Command::new("qemu-io")
+            .args(["-t", "unsafe", "-f", "qcow2", "-c"])
+            .arg(format!("write -c -P {pattern:#04x} {off} {len}"))
+            .arg(path));
+        off += len;
+    }
+    write_sidecar(path);
+}
+
+/// A qcow2 whose write into a volume takes seconds (about 3 s per GiB
+/// here) while its download takes milliseconds.
+pub fn build_slow_write_qcow2(path: &Path, size_gib: u64) {
+    build_filled_qcow2(path, size_gib * GIB, 0x5a);
+}
+
+/// The disk a qcow2 holds, as a raw file next to it (for comparisons).
+pub fn qcow2_to_raw(qcow2: &Path) -> PathBuf {
+    let raw = qcow2.with_extension("expected.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
+        .arg(qcow2)
+        .arg(&raw));
+    raw
+}
+
+/// A tiny empty qcow2 (16 MiB virtual) with its sidecar, for jobs that
+/// must simply complete.
+pub fn build_tiny_qcow2(path: &Path) {
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(path).arg("16M"));
+    write_sidecar(path);
+}
+
+// ---------------------------------------------------------------- checks
+
+/// Asserts that `volume` starts with exactly the bytes of `image` and reads
+/// as zeros after them, comparing here and with `qemu-img compare`.
+#[track_caller]
+pub fn assert_volume_holds(volume: &Path, image: &Path, volume_size: u64) {
+    let vlen = fs::metadata(volume).unwrap_or_else(|e| panic!("{}: {e}", volume.display())).len();
+    assert_eq!(vlen, volume_size, "volume {} has the wrong size", volume.display());
+    let ilen = fs::metadata(image).unwrap().len();
+    let mut v = File::open(volume).unwrap();
+    let mut i = File::open(image).unwrap();
+    let mut vb = vec![0u8; MIB as usize];
+    let mut ib = vec![0u8; MIB as usize];
+    let zeros = vec![0u8; MIB as usize];
+    let mut off = 0u64;
+    while off < vlen {
+        let n = (vlen - off).min(MIB) as usize;
+        v.read_exact(&mut vb[..n]).unwrap();
+        if off < ilen {
+            let m = (ilen - off).min(n as u64) as usize;
+            i.read_exact(&mut ib[..m]).unwrap();
+            // Slice equality is a memcmp, fast even in a debug build.
+            if vb[..m] != ib[..m] {
+                let at = (0..m).find(|&k| vb[k] != ib[k]).unwrap();
+                panic!(
+                    "volume {} differs from image {} at byte {}",
+                    volume.display(),
+                    image.display(),
+                    off + at as u64
+                );
+            }
+            if vb[m..n] != zeros[m..n] {
+                panic!("volume {} is not zero after the image end", volume.display());
+            }
+        } else if vb[..n] != zeros[..n] {
+            let at = (0..n).find(|&k| vb[k] != 0).unwrap();
+            panic!(
+                "volume {} holds non-zero byte {:#04x} at {} past the image end ({ilen})",
+                volume.display(),
+                vb[at],
+                off + at as u64
+            );
+        }
+        off += n as u64;
+    }
+    // And qemu-img's own opinion: identical, the extra tail reading as zeros.
+    run(Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(image)
+        .arg(volume));
+}
+
+/// The names in a directory, sorted; empty when it does not exist.
+pub fn list_dir(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = match fs::read_dir(dir) {
+        Ok(rd) => rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
+        Err(_) => Vec::new(),
+    };
+    names.sort();
+    names
+}
+
+/// The image files in a cache directory, sorted: entries (`<sha>.img`) and
+/// temporary downloads (`.lvp-<job>.part`), without the entries' `.json`
+/// records and the daemon's lock file.
+pub fn cache_files(dir: &Path) -> Vec<String> {
+    list_dir(dir).into_iter().filter(|n| n != ".lvp-lock" && !n.ends_with(".json")).collect()
+}
+
+/// Whether `needle` occurs anywhere in the file at `path`.
+pub fn file_contains(path: &Path, needle: &[u8]) -> bool {
+    assert!(!needle.is_empty());
+    let mut f = File::open(path).unwrap();
+    let mut buf = vec![0u8; 4 * MIB as usize];
+    let mut carry: Vec<u8> = Vec::new();
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            return false;
+        }
+        let mut window = std::mem::take(&mut carry);
+        window.extend_from_slice(&buf[..n]);
+        if window.windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+        let keep = needle.len().saturating_sub(1).min(window.len());
+        carry = window[window.len() - keep..].to_vec();
+    }
+}
+
+/// A request body as JSON, for tests that change one field.
+pub fn with_field(mut body: Value, field: &str, value: Value) -> Value {
+    body[field] = value;
+    body
+}
