@@ -351,8 +351,7 @@ impl JobTable {
         let mut dropped = Vec::new();
         {
             let mut inner = self.inner.lock().unwrap();
-            loop {
-                let Some(&oldest) = inner.finished.front() else { break };
+            while let Some(&oldest) = inner.finished.front() {
                 let too_many = inner.finished.len() > self.retention.max_finished;
                 let too_old = inner.jobs.get(&oldest).is_none_or(|j| {
                     let at = j.finished_at.unwrap_or(j.created_at);
