@@ -18,6 +18,8 @@ pub struct Cli {
 pub enum Command {
     Serve(Serve),
     Token(Token),
+    Check(Check),
+    Client(Client),
 }
 
 /// Run the provisioning daemon.
@@ -133,6 +135,190 @@ pub struct Serve {
     /// re-hash a cache entry before each use instead of checking its size
     #[argh(switch)]
     pub verify_cache: bool,
+
+    /// threads answering HTTP requests, including held ?wait= requests (default 16)
+    #[argh(option, default = "16")]
+    pub http_threads: usize,
+
+    /// answer /metrics without authentication
+    #[argh(switch)]
+    pub public_metrics: bool,
+
+    /// answer /health, /healthz, /livez and /readyz without authentication
+    #[argh(switch)]
+    pub public_health: bool,
+
+    /// libvirt storage pool to refresh (virsh pool-refresh) after a volume
+    /// is created or removed
+    #[argh(option)]
+    pub libvirt_pool: Option<String>,
+}
+
+/// Check a configuration and this host without starting the daemon.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "check")]
+pub struct Check {
+    /// the serve command line to check, after `--`, e.g.
+    /// `check -- --backend dir --volume-dir /srv/vols ...`
+    #[argh(positional, greedy)]
+    pub serve_args: Vec<String>,
+}
+
+/// Talk to a running daemon: provision, status, cancel, jobs, cache.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "client")]
+pub struct Client {
+    /// daemon URL (default https://localhost:8080, or $LVP_URL)
+    #[argh(option)]
+    pub url: Option<String>,
+
+    /// CA certificate that signed the daemon's certificate (PEM)
+    #[argh(option)]
+    pub ca: Option<String>,
+
+    /// client certificate for mutual TLS (PEM)
+    #[argh(option)]
+    pub cert: Option<String>,
+
+    /// private key of --cert (PEM)
+    #[argh(option)]
+    pub key: Option<String>,
+
+    /// file holding an API token (or set $LVP_TOKEN); never pass the token itself
+    #[argh(option)]
+    pub token_file: Option<String>,
+
+    #[argh(subcommand)]
+    pub command: ClientCommand,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum ClientCommand {
+    Provision(ClientProvision),
+    Status(ClientStatus),
+    Cancel(ClientCancel),
+    Jobs(ClientJobs),
+    Cache(ClientCache),
+}
+
+/// Start a provisioning job; with --wait, follow it to the end.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "provision")]
+pub struct ClientProvision {
+    /// image URL (http or https)
+    #[argh(option)]
+    pub image_url: String,
+
+    /// volume name (LV name or file name in the volume directory)
+    #[argh(option)]
+    pub volume_name: String,
+
+    /// volume size in GiB
+    #[argh(option)]
+    pub volume_size_gb: u64,
+
+    /// image format: qcow2 or raw (default qcow2)
+    #[argh(option)]
+    pub image_type: Option<String>,
+
+    /// label echoed in status and logs
+    #[argh(option)]
+    pub correlation_id: Option<String>,
+
+    /// expected SHA-256 of the image
+    #[argh(option)]
+    pub image_sha256: Option<String>,
+
+    /// idempotency key, so a retried command never starts a second job
+    #[argh(option)]
+    pub idempotency_key: Option<String>,
+
+    /// wait for the job to end, showing progress; exit 0 only if it completed
+    #[argh(switch)]
+    pub wait: bool,
+}
+
+/// Show a job; with --wait, follow it to the end.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "status")]
+pub struct ClientStatus {
+    /// job id
+    #[argh(positional)]
+    pub job_id: String,
+
+    /// wait for the job to end, showing progress; exit 0 only if it completed
+    #[argh(switch)]
+    pub wait: bool,
+}
+
+/// Cancel a pending or running job.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "cancel")]
+pub struct ClientCancel {
+    /// job id
+    #[argh(positional)]
+    pub job_id: String,
+}
+
+/// List jobs, newest first.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "jobs")]
+pub struct ClientJobs {
+    /// only jobs with this status
+    #[argh(option)]
+    pub status: Option<String>,
+
+    /// only jobs with this correlation id
+    #[argh(option)]
+    pub correlation_id: Option<String>,
+}
+
+/// List, prefetch or purge cached images.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "cache")]
+pub struct ClientCache {
+    #[argh(subcommand)]
+    pub command: CacheCommand,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum CacheCommand {
+    List(CacheList),
+    Prefetch(CachePrefetch),
+    Purge(CachePurge),
+}
+
+/// List cache entries.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "list")]
+pub struct CacheList {}
+
+/// Download an image into the cache without provisioning anything.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "prefetch")]
+pub struct CachePrefetch {
+    /// image URL (http or https)
+    #[argh(option)]
+    pub image_url: String,
+
+    /// expected SHA-256 of the image
+    #[argh(option)]
+    pub image_sha256: Option<String>,
+
+    /// wait for the download to end
+    #[argh(switch)]
+    pub wait: bool,
+}
+
+/// Delete a cache entry that no job needs.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "purge")]
+pub struct CachePurge {
+    /// SHA-256 of the entry
+    #[argh(positional)]
+    pub sha256: String,
 }
 
 /// Manage API tokens.

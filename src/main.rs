@@ -6,7 +6,9 @@
 mod api;
 mod auth;
 mod cache;
+mod check;
 mod cli;
+mod client;
 mod cmd;
 mod config;
 mod daemon;
@@ -59,6 +61,8 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Check(check) => check::run(&check.serve_args),
+        Command::Client(client) => client::run(client),
         Command::Token(token) => match token.command {
             TokenCommand::New(new) => match tokens::mint(Path::new(&new.tokens), &new.name) {
                 Ok(token) => {
