@@ -33,6 +33,16 @@ struct EntryRecord {
     source: String,
 }
 
+/// One cache entry, for listing.
+#[derive(Debug, Clone)]
+pub struct EntryInfo {
+    pub sha256: String,
+    /// The URL it came from, without query string.
+    pub source: String,
+    pub size: u64,
+    pub last_used: std::time::SystemTime,
+}
+
 /// SHA-256 of a whole file, as lower-case hex.
 pub fn hash_file(path: &Path) -> io::Result<String> {
     use sha2::{Digest, Sha256};
@@ -185,6 +195,46 @@ impl Cache {
         f.write_all(&serde_json::to_vec(&record).map_err(io::Error::other)?)?;
         f.sync_all()?;
         fs::rename(&temp, self.record_path(sha256))
+    }
+
+    /// Proves the cache directory still takes files.
+    pub fn check_writable(&self) -> io::Result<()> {
+        let probe = self.dir.join(format!("{TEMP_PREFIX}ready-probe{TEMP_SUFFIX}"));
+        fs::write(&probe, b"")?;
+        fs::remove_file(&probe)
+    }
+
+    /// Every entry, least recently used first.
+    pub fn entries(&self) -> Vec<EntryInfo> {
+        let mut out = Vec::new();
+        let Ok(items) = fs::read_dir(&self.dir) else { return out };
+        for item in items.flatten() {
+            let name = item.file_name().to_string_lossy().into_owned();
+            let Some(sha) = name.strip_suffix(".img") else { continue };
+            let Ok(meta) = item.metadata() else { continue };
+            let source = self.read_record(sha).map(|r| r.source).unwrap_or_default();
+            out.push(EntryInfo {
+                sha256: sha.to_string(),
+                source,
+                size: meta.len(),
+                last_used: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+            });
+        }
+        out.sort_by_key(|e| e.last_used);
+        out
+    }
+
+    /// Deletes entry `sha256` and its record. `Ok(false)` if there is none.
+    pub fn purge(&self, sha256: &str) -> io::Result<bool> {
+        match fs::remove_file(self.entry_path(sha256)) {
+            Ok(()) => {
+                let _ = fs::remove_file(self.record_path(sha256));
+                log::info!("purged cache entry {sha256}");
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Deletes least recently used entries until the cache holds at most

@@ -37,6 +37,10 @@ pub struct Config {
     pub queue: usize,
     pub require_digest: bool,
     pub keep_tail: bool,
+    pub http_threads: usize,
+    pub public_metrics: bool,
+    pub public_health: bool,
+    pub libvirt_pool: Option<String>,
     pub max_connections: usize,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
@@ -85,6 +89,7 @@ impl Config {
         note(range("--handshake-timeout", cli.handshake_timeout as usize, 1, 3600));
         note(range("--idle-timeout", cli.idle_timeout as usize, 1, 86_400));
         note(range("--download-timeout", cli.download_timeout as usize, 1, 86_400));
+        note(range("--http-threads", cli.http_threads, 2, 256));
         note(range("--download-retries", cli.download_retries as usize, 0, 100));
         note(range("--retry-delay", cli.retry_delay as usize, 0, 3600));
         note(range("--keep-jobs", cli.keep_jobs, 1, 10_000_000));
@@ -222,6 +227,10 @@ impl Config {
             queue: cli.queue,
             require_digest: cli.require_digest,
             keep_tail: cli.keep_tail,
+            http_threads: cli.http_threads,
+            public_metrics: cli.public_metrics,
+            public_health: cli.public_health,
+            libvirt_pool: cli.libvirt_pool.clone(),
             max_connections: cli.max_connections,
             handshake_timeout: Duration::from_secs(cli.handshake_timeout),
             idle_timeout: Duration::from_secs(cli.idle_timeout),

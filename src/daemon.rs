@@ -23,11 +23,7 @@ use crate::jobs::pipeline::{recover_interrupted, Pipeline};
 use crate::jobs::queue::Queue;
 use crate::jobs::table::JobTable;
 use crate::jobs::Status;
-
-/// Threads answering HTTP requests. Handlers never block on I/O beyond
-/// reading a small body and one journal write, so a few serve many
-/// connections.
-const HTTP_THREADS: usize = 4;
+use crate::metrics::Metrics;
 
 /// How long cancelled jobs get to roll back before the daemon exits anyway.
 const ROLLBACK_GRACE: Duration = Duration::from_secs(60);
@@ -53,12 +49,15 @@ pub fn run(config: Config) -> Result<(), String> {
     }
     log::info!("job journal replayed in {} ms", started.elapsed().as_millis());
 
+    let metrics = Arc::new(Metrics::default());
     let pipeline = Arc::new(Pipeline {
         table: Arc::clone(&table),
         cache,
         backend: config.backend,
         fetcher: Fetcher::new(config.download_timeout, config.retry),
         require_digest: config.require_digest,
+        metrics: Arc::clone(&metrics),
+        libvirt: crate::libvirt::PoolRefresher::new(config.libvirt_pool.clone()),
         verify_cache: config.verify_cache,
         cache_max_bytes: config.cache_max_bytes,
         keep_tail: config.keep_tail,
@@ -78,8 +77,14 @@ pub fn run(config: Config) -> Result<(), String> {
         peers: Arc::clone(&peers),
         tokens: config.tokens,
         shutting_down: AtomicBool::new(false),
+        pipeline: Arc::clone(&pipeline),
+        metrics,
+        public_metrics: config.public_metrics,
+        public_health: config.public_health,
+        waiting: std::sync::atomic::AtomicUsize::new(0),
+        http_threads: config.http_threads,
     });
-    let _http = http::start(server, Arc::clone(&ctx), HTTP_THREADS);
+    let _http = http::start(server, Arc::clone(&ctx), config.http_threads);
 
     let listener = TcpListener::bind(config.listen)
         .map_err(|e| format!("--listen {}: cannot listen ({e})", config.listen))?;

@@ -71,6 +71,11 @@ impl ApiError {
         Self::new(409, "idempotency_conflict", details)
     }
 
+    /// A cache entry to purge is needed by an active job.
+    pub fn entry_in_use(details: impl Into<String>) -> Self {
+        Self::new(409, "entry_in_use", details)
+    }
+
     /// Another pending or running job already targets this volume.
     pub fn volume_busy(details: impl Into<String>) -> Self {
         Self::new(409, "volume_busy", details)
@@ -153,6 +158,7 @@ mod tests {
             (ApiError::job_finished(""), 409, "job_finished"),
             (ApiError::idempotency_conflict(""), 409, "idempotency_conflict"),
             (ApiError::volume_busy(""), 409, "volume_busy"),
+            (ApiError::entry_in_use(""), 409, "entry_in_use"),
             (ApiError::length_required(""), 411, "length_required"),
             (ApiError::header_too_large(1), 431, "header_too_large"),
             (ApiError::too_many_connections(), 503, "too_many_connections"),

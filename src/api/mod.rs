@@ -5,8 +5,10 @@
 //! share. Validation is strict: unknown fields are refused, so a typo in a
 //! script fails loudly instead of being ignored.
 
+pub mod cache;
 pub mod cancel;
 pub mod health;
+pub mod jobs;
 pub mod provision;
 pub mod status;
 
@@ -57,10 +59,24 @@ impl fmt::Display for ImageType {
     }
 }
 
-/// A validated provision request.
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    /// Fill a volume from an image.
+    #[default]
+    Provision,
+    /// Only bring an image into the cache, ahead of a rollout.
+    Prefetch,
+}
+
+/// A validated provision (or prefetch) request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobRequest {
+    #[serde(default)]
+    pub kind: JobKind,
     pub image_url: String,
+    /// Empty for a prefetch.
     pub volume_name: String,
     pub volume_size_gb: u64,
     pub image_type: ImageType,
@@ -129,12 +145,43 @@ pub fn parse_provision(body: &[u8]) -> Result<JobRequest, ApiError> {
         })?),
     };
     Ok(JobRequest {
+        kind: JobKind::Provision,
         image_url,
         volume_name,
         volume_size_gb,
         image_type,
         correlation_id,
         image_sha256,
+    })
+}
+
+const PREFETCH_FIELDS: &[&str] = &["image_url", "image_sha256", "correlation_id"];
+
+/// Parses and checks a prefetch body: `image_url`, optional `image_sha256`
+/// and `correlation_id`.
+pub fn parse_prefetch(body: &[u8]) -> Result<JobRequest, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid_json(format!("request body is not valid JSON: {e}")))?;
+    let Value::Object(obj) = value else {
+        return Err(ApiError::invalid_request("request body must be a JSON object"));
+    };
+    if let Some(unknown) = obj.keys().find(|k| !PREFETCH_FIELDS.contains(&k.as_str())) {
+        return Err(ApiError::invalid_request(format!(
+            "unknown field {unknown:?}; accepted fields are {}",
+            PREFETCH_FIELDS.join(", ")
+        )));
+    }
+    // The provision checks, on a body with placeholder volume fields.
+    let mut probe = obj.clone();
+    probe.insert("volume_name".into(), Value::String("prefetch".into()));
+    probe.insert("volume_size_gb".into(), Value::from(1));
+    let body = serde_json::to_vec(&Value::Object(probe)).expect("json");
+    let parsed = parse_provision(&body)?;
+    Ok(JobRequest {
+        kind: JobKind::Prefetch,
+        volume_name: String::new(),
+        volume_size_gb: 0,
+        ..parsed
     })
 }
 

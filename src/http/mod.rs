@@ -11,7 +11,7 @@
 pub mod routes;
 
 use std::io::Read;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Instant;
@@ -22,8 +22,10 @@ use crate::auth;
 use crate::error::ApiError;
 use crate::frontdoor::framing::MAX_BODY_BYTES;
 use crate::frontdoor::peers::PeerTable;
+use crate::jobs::pipeline::Pipeline;
 use crate::jobs::queue::Queue;
 use crate::jobs::table::JobTable;
+use crate::metrics::Metrics;
 use crate::tokens::TokenSet;
 
 /// What handlers share.
@@ -34,17 +36,37 @@ pub struct Ctx {
     pub tokens: Option<TokenSet>,
     /// Set on SIGTERM: no new jobs are accepted.
     pub shutting_down: AtomicBool,
+    pub pipeline: Arc<Pipeline>,
+    pub metrics: Arc<Metrics>,
+    /// `/metrics` answers without authentication (`--public-metrics`).
+    pub public_metrics: bool,
+    /// Health probes answer without authentication (`--public-health`).
+    pub public_health: bool,
+    /// Requests held by `?wait=` right now.
+    pub waiting: AtomicUsize,
+    pub http_threads: usize,
 }
 
 /// A request as handlers see it.
 pub struct Req<'a> {
     pub method: &'a str,
     pub path: &'a str,
+    /// The query string, without `?`; empty when there is none.
+    pub query: &'a str,
     pub headers: &'a [Header],
     pub body: &'a [u8],
 }
 
 impl Req<'_> {
+    /// The first value of query parameter `name`, percent-decoding `%XX`
+    /// and `+`.
+    pub fn param(&self, name: &str) -> Option<String> {
+        self.query.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == name).then(|| percent_decode(v))
+        })
+    }
+
     /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
@@ -58,17 +80,22 @@ impl Req<'_> {
 pub struct Reply {
     pub status: u16,
     pub body: Option<Vec<u8>>,
+    pub content_type: &'static str,
     pub headers: Vec<(&'static str, String)>,
 }
 
 impl Reply {
     pub fn json(status: u16, value: &impl serde::Serialize) -> Reply {
         let body = serde_json::to_vec(value).expect("reply serializes");
-        Reply { status, body: Some(body), headers: Vec::new() }
+        Reply { status, body: Some(body), content_type: JSON, headers: Vec::new() }
     }
 
     pub fn empty(status: u16) -> Reply {
-        Reply { status, body: None, headers: Vec::new() }
+        Reply { status, body: None, content_type: JSON, headers: Vec::new() }
+    }
+
+    pub fn text(status: u16, content_type: &'static str, body: String) -> Reply {
+        Reply { status, body: Some(body.into_bytes()), content_type, headers: Vec::new() }
     }
 
     pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
@@ -89,13 +116,44 @@ impl From<ApiError> for Failure {
     }
 }
 
+const JSON: &str = "application/json";
+
+/// Decodes `%XX` escapes and `+` in a query value; bad escapes stay as
+/// they are.
+fn percent_decode(text: &str) -> String {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(hi), Some(lo)) => {
+                    out.push(hi << 4 | lo);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// What a 503 tells a client to wait before retrying.
 const RETRY_AFTER_SECS: u32 = 5;
 
 impl From<Failure> for Reply {
     fn from(f: Failure) -> Reply {
         let body = f.error.body(f.correlation_id.as_deref());
-        let reply = Reply { status: f.error.status, body: Some(body), headers: Vec::new() };
+        let reply = Reply {
+            status: f.error.status,
+            body: Some(body),
+            content_type: JSON,
+            headers: Vec::new(),
+        };
         match f.error.status {
             401 => reply.with_header("WWW-Authenticate", "Bearer"),
             503 => reply.with_header("Retry-After", RETRY_AFTER_SECS.to_string()),
@@ -126,24 +184,28 @@ fn handle(ctx: &Ctx, mut request: tiny_http::Request) {
     let started = Instant::now();
     let request_id = uuid::Uuid::new_v4().to_string();
     let method = request.method().as_str().to_string();
-    let path = request.url().split('?').next().unwrap_or("").to_string();
+    let url = request.url().to_string();
+    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
+    let public = (ctx.public_health && routes::is_health_probe(path))
+        || (ctx.public_metrics && path == "/metrics");
     let identity =
         auth::identify(&ctx.peers, ctx.tokens.as_ref(), request.remote_addr(), request.headers());
-    let reply = match &identity {
-        Err(e) => Reply::from(Failure::from(e.clone())),
-        Ok(_) => match read_body(&mut request) {
+    let reply = match (&identity, public) {
+        (Err(e), false) => Reply::from(Failure::from(e.clone())),
+        _ => match read_body(&mut request) {
             Ok(body) => {
-                let req =
-                    Req { method: &method, path: &path, headers: request.headers(), body: &body };
+                let headers = request.headers();
+                let req = Req { method: &method, path, query, headers, body: &body };
                 routes::route(ctx, &req).unwrap_or_else(Reply::from)
             }
             Err(e) => Failure::from(e).into(),
         },
     };
     let status = reply.status;
+    ctx.metrics.request(routes::endpoint_label(path), &method, status);
     let mut response = match reply.body {
         Some(body) => {
-            Response::from_data(body).with_header(header("Content-Type", "application/json"))
+            Response::from_data(body).with_header(header("Content-Type", reply.content_type))
         }
         None => Response::from_data(Vec::new()),
     }

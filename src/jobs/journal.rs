@@ -150,13 +150,14 @@ fn replay(reader: impl BufRead) -> io::Result<(Vec<Job>, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{ImageType, JobRequest};
+    use crate::api::{ImageType, JobKind, JobRequest};
     use crate::jobs::Status;
 
     fn job(volume: &str) -> Job {
         Job::new(
             uuid::Uuid::new_v4(),
             JobRequest {
+                kind: JobKind::Provision,
                 image_url: "http://h/a.img".into(),
                 volume_name: volume.into(),
                 volume_size_gb: 1,

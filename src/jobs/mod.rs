@@ -27,7 +27,7 @@ use crate::api::{ImageType, JobRequest, ProgressView};
 
 pub type JobId = Uuid;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Pending,
@@ -40,6 +40,12 @@ pub enum Status {
 impl Status {
     pub fn is_final(self) -> bool {
         matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
+    }
+
+    pub fn parse(text: &str) -> Option<Status> {
+        [Status::Pending, Status::Running, Status::Completed, Status::Failed, Status::Cancelled]
+            .into_iter()
+            .find(|s| s.as_str() == text)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -162,7 +168,9 @@ pub struct JobView {
     pub image_url: String,
     pub image_type: ImageType,
     pub image_sha256: Option<String>,
-    pub volume_name: String,
+    pub kind: crate::api::JobKind,
+    /// `null` for a prefetch job.
+    pub volume_name: Option<String>,
     pub volume_path: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -215,7 +223,8 @@ impl Job {
             image_url: crate::fetch::redact(&self.request.image_url),
             image_type: self.request.image_type,
             image_sha256: self.image_sha256.clone(),
-            volume_name: self.request.volume_name.clone(),
+            kind: self.request.kind,
+            volume_name: Some(self.request.volume_name.clone()).filter(|n| !n.is_empty()),
             volume_path: self.volume_path.clone(),
             error: self.error.clone(),
             created_at: time(self.created_at),

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use super::table::JobTable;
 use super::{JobCtx, JobId, Stage, Status, VolumeMark};
-use crate::api::{ImageType, JobRequest};
+use crate::api::{ImageType, JobKind, JobRequest};
 use crate::cache::{Cache, Role};
 use crate::error::chain;
 use crate::fetch::{redact, FetchError, Fetcher};
@@ -40,12 +40,38 @@ pub struct Pipeline {
     pub backend: Box<dyn VolumeBackend>,
     pub fetcher: Fetcher,
     pub require_digest: bool,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub libvirt: crate::libvirt::PoolRefresher,
     /// Re-hash cache entries before use (`--verify-cache`).
     pub verify_cache: bool,
     /// Evict least recently used entries past this size (`--cache-max-gb`).
     pub cache_max_bytes: Option<u64>,
     /// Leave a volume's bytes after the image as they are (`--keep-tail`).
     pub keep_tail: bool,
+}
+
+/// Times the stage a job is in, for the stage-duration histogram and the
+/// log line each stage ends with.
+struct StageTimer<'a> {
+    id: JobId,
+    ctx: &'a JobCtx<'a>,
+    current: Option<(Stage, Instant)>,
+}
+
+impl StageTimer<'_> {
+    /// Ends the current stage, if any.
+    fn close(&mut self, pipeline: &Pipeline) {
+        if let Some((stage, since)) = self.current.take() {
+            let secs = since.elapsed().as_secs_f64();
+            pipeline.metrics.stage_done(stage, secs);
+            let bytes = pipeline
+                .table
+                .view(self.id)
+                .map(|v| v.progress.bytes_processed)
+                .unwrap_or_default();
+            log::info!("{} stage={stage}: done in {secs:.2}s, {bytes} bytes", self.ctx);
+        }
+    }
 }
 
 /// Why a job stopped.
@@ -80,7 +106,10 @@ impl Pipeline {
             return;
         };
         let correlation = req.correlation_id.clone().unwrap_or_else(|| id.to_string());
-        let volume = self.backend.describe(&req.volume_name);
+        let volume = match req.kind {
+            JobKind::Provision => self.backend.describe(&req.volume_name),
+            JobKind::Prefetch => "-".to_string(),
+        };
         let ctx = JobCtx { id, correlation: &correlation, volume: &volume };
         let started = Instant::now();
         log::info!("{ctx} stage=queued: started, image {}", redact(&req.image_url));
@@ -91,6 +120,7 @@ impl Pipeline {
             Ok(()) => {
                 log::info!("{ctx} stage=finalizing: completed in {secs:.1}s");
                 self.table.finish(id, Status::Completed, None);
+                self.metrics.job_finished(Status::Completed);
             }
             Err(stop) => {
                 let rollback = self.roll_back(&ctx, undo);
@@ -102,6 +132,7 @@ impl Pipeline {
                     log::error!("{ctx} stage={}: job failed after {secs:.1}s: {error}", stop.stage);
                 }
                 self.table.finish(id, status, Some(error));
+                self.metrics.job_finished(status);
             }
         }
     }
@@ -114,6 +145,20 @@ impl Pipeline {
         cancel: &AtomicBool,
         undo: &mut Undo,
     ) -> Result<(), Stop> {
+        let mut timer = StageTimer { id, ctx, current: None };
+        let outcome = self.run_stages(&mut timer, req, cancel, undo);
+        timer.close(self);
+        outcome
+    }
+
+    fn run_stages(
+        &self,
+        timer: &mut StageTimer,
+        req: &JobRequest,
+        cancel: &AtomicBool,
+        undo: &mut Undo,
+    ) -> Result<(), Stop> {
+        let (id, ctx) = (timer.id, timer.ctx);
         let check = |stage| {
             if cancel.load(Ordering::SeqCst) {
                 Err(Stop::cancelled(stage))
@@ -121,18 +166,22 @@ impl Pipeline {
                 Ok(())
             }
         };
-
-        self.enter(id, ctx, Stage::Downloading);
+        self.enter(timer, Stage::Downloading);
         let (image, image_len) = self.obtain_image(id, ctx, req, cancel, undo)?;
+        if req.kind == JobKind::Prefetch {
+            // The image is verified and cached: that is all a prefetch does.
+            self.table.progress(id, Stage::Finalizing, image_len, Some(image_len));
+            return Ok(());
+        }
         check(Stage::Inspecting)?;
 
-        self.enter(id, ctx, Stage::Inspecting);
+        self.enter(timer, Stage::Inspecting);
         let info = inspect::inspect(&image, req.image_type)
             .and_then(|info| inspect::check(&info, req.volume_bytes()).map(|()| info))
             .map_err(|e| Stop::fail(Stage::Inspecting, chain(&e)))?;
         check(Stage::CreatingVolume)?;
 
-        self.enter(id, ctx, Stage::CreatingVolume);
+        self.enter(timer, Stage::CreatingVolume);
         // The intent is journaled before the volume exists, so that a
         // restart after a crash in between knows the volume may be ours.
         let mut record_intent = || {
@@ -145,6 +194,9 @@ impl Pipeline {
             .prepare(&req.volume_name, req.volume_bytes(), &id.to_string(), &mut record_intent)
             .map_err(|e| Stop::fail(Stage::CreatingVolume, chain(&e)))?;
         undo.volume = Some(volume.clone());
+        if volume.created {
+            self.libvirt.refresh(&format!("creating {}", ctx.volume));
+        }
         let path = volume.path.display().to_string();
         let mark = if volume.created { VolumeMark::Created } else { VolumeMark::Reused };
         let recorded = self.table.update_durably(id, |j| {
@@ -169,7 +221,7 @@ impl Pipeline {
         };
         check(write_stage)?;
 
-        self.enter(id, ctx, write_stage);
+        self.enter(timer, write_stage);
         let total = info.virtual_size;
         let written = match req.image_type {
             ImageType::Qcow2 => write::convert_qcow2(&image, &volume, cancel, &mut |pct| {
@@ -191,8 +243,8 @@ impl Pipeline {
             ImageType::Qcow2 => total,
             ImageType::Raw => image_len,
         };
-        self.table.progress(id, Stage::Finalizing, 0, Some(written));
-        log::info!("{ctx} stage=finalizing: entered");
+        self.metrics.bytes_written.inc_by(written);
+        self.enter(timer, Stage::Finalizing);
         write::finish_volume(&volume, written, self.keep_tail, cancel).map_err(|e| {
             if e.is_cancel() {
                 Stop::cancelled(Stage::Finalizing)
@@ -206,13 +258,16 @@ impl Pipeline {
     }
 
     /// Moves the job to `stage`, journaled, so that a restart can say
-    /// where the job was interrupted.
-    fn enter(&self, id: JobId, ctx: &JobCtx, stage: Stage) {
+    /// where the job was interrupted; logs and times the stage it leaves.
+    fn enter(&self, timer: &mut StageTimer, stage: Stage) {
+        timer.close(self);
+        let (id, ctx) = (timer.id, timer.ctx);
         log::info!("{ctx} stage={stage}: entered");
         self.table.progress(id, stage, 0, None);
         if let Err(e) = self.table.update_durably(id, |_| {}) {
             log::error!("{ctx}: could not journal the stage change: {e}");
         }
+        timer.current = Some((stage, Instant::now()));
     }
 
     /// Stage 1: the verified cache entry for the request's image, and its
@@ -249,11 +304,14 @@ impl Pipeline {
         if let Some(digest) = &expected {
             if let Some(entry) = self.cache.lookup(digest, self.verify_cache) {
                 log::info!("{ctx} stage=downloading: cache hit {digest}");
+                self.metrics.cache_hits.inc();
                 return Ok(self.use_entry(id, entry, digest, true));
             }
             log::info!("{ctx} stage=downloading: cache miss {digest} (expected from {source})");
+            self.metrics.cache_misses.inc();
         } else {
             log::info!("{ctx} stage=downloading: no digest published; downloading to compute it");
+            self.metrics.cache_misses.inc();
         }
 
         for _ in 0..FLIGHT_ATTEMPTS {
@@ -276,6 +334,7 @@ impl Pipeline {
                             FetchError::Cancelled => Stop::cancelled(stage),
                             e => Stop::fail(stage, chain(&e)),
                         })?;
+                    self.metrics.bytes_downloaded.inc_by(got.bytes);
                     if let Some(want) = &expected {
                         if *want != got.sha256 {
                             return Err(Stop::fail(
@@ -367,7 +426,10 @@ impl Pipeline {
                     .to_string()
             }
             Some(v) => match self.backend.remove(&v) {
-                Ok(()) => "; the volume this job created was removed".to_string(),
+                Ok(()) => {
+                    self.libvirt.refresh(&format!("removing {}", ctx.volume));
+                    "; the volume this job created was removed".to_string()
+                }
                 Err(e) => {
                     log::error!(
                         "{ctx}: could not remove volume {} that this job created: {}; remove it by hand",

@@ -16,12 +16,12 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
 use super::journal::{Journal, Record};
 use super::{Idempotency, Job, JobId, JobView, Stage, Status};
-use crate::api::JobRequest;
+use crate::api::{JobKind, JobRequest};
 use crate::error::ApiError;
 
 /// How long and how many finished jobs stay answerable.
@@ -33,6 +33,8 @@ pub struct Retention {
 
 pub struct JobTable {
     inner: Mutex<Inner>,
+    /// Notified whenever a job's status or stage changes (for `?wait=`).
+    changed: Condvar,
     journal: Mutex<Journal>,
     retention: Retention,
 }
@@ -86,7 +88,12 @@ impl JobTable {
         }
         finished.sort();
         inner.finished = finished.into_iter().map(|(_, id)| id).collect();
-        let table = JobTable { inner: Mutex::new(inner), journal: Mutex::new(journal), retention };
+        let table = JobTable {
+            inner: Mutex::new(inner),
+            changed: Condvar::new(),
+            journal: Mutex::new(journal),
+            retention,
+        };
         let dropped = table.prune();
         table.compact(true);
         if dropped > 0 {
@@ -129,7 +136,10 @@ impl JobTable {
         let job = inner.jobs.get_mut(&id)?;
         f(job);
         job.seq += 1;
-        Some(job.clone())
+        let record = job.clone();
+        drop(inner);
+        self.changed.notify_all();
+        Some(record)
     }
 
     fn persist_or_log(&self, job: Option<Job>) {
@@ -165,11 +175,12 @@ impl JobTable {
                     };
                 }
             }
-            if let Some(other) = inner
-                .jobs
-                .values()
-                .find(|j| !j.status.is_final() && j.request.volume_name == request.volume_name)
-            {
+            if let Some(other) = inner.jobs.values().find(|j| {
+                !j.status.is_final()
+                    && request.kind == JobKind::Provision
+                    && j.request.kind == JobKind::Provision
+                    && j.request.volume_name == request.volume_name
+            }) {
                 return Err(ApiError::volume_busy(format!(
                     "volume {} already has an active job {}; wait for it or cancel it",
                     request.volume_name, other.id
@@ -210,6 +221,51 @@ impl JobTable {
                 inner.idempotency.remove(&idem.key);
             }
         }
+    }
+
+    /// The job once its status or stage differs from `seen`, or as it is
+    /// when `timeout` passes; at once if it already differs or is final.
+    pub fn wait_for_change(&self, id: JobId, timeout: Duration) -> Option<JobView> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut inner = self.inner.lock().unwrap();
+        let seen = inner.jobs.get(&id).map(|j| (j.status, j.progress.stage))?;
+        loop {
+            let job = inner.jobs.get(&id)?;
+            let now = (job.status, job.progress.stage);
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if now != seen || job.status.is_final() || left.is_zero() {
+                return Some(job.view());
+            }
+            inner = self.changed.wait_timeout(inner, left).unwrap().0;
+        }
+    }
+
+    /// Jobs matching the filters, newest first, at most `limit`.
+    pub fn list(
+        &self,
+        status: Option<Status>,
+        correlation_id: Option<&str>,
+        limit: usize,
+    ) -> Vec<JobView> {
+        let inner = self.inner.lock().unwrap();
+        let mut jobs: Vec<&Job> = inner
+            .jobs
+            .values()
+            .filter(|j| status.is_none_or(|s| j.status == s))
+            .filter(|j| correlation_id.is_none_or(|c| j.correlation_id() == c))
+            .collect();
+        jobs.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        jobs.into_iter().take(limit).map(Job::view).collect()
+    }
+
+    /// Counts of jobs by status, for metrics.
+    pub fn counts(&self) -> HashMap<Status, usize> {
+        let inner = self.inner.lock().unwrap();
+        let mut counts = HashMap::new();
+        for job in inner.jobs.values() {
+            *counts.entry(job.status).or_insert(0) += 1;
+        }
+        counts
     }
 
     pub fn view(&self, id: JobId) -> Option<JobView> {
@@ -386,6 +442,7 @@ mod tests {
 
     fn request(volume: &str) -> JobRequest {
         JobRequest {
+            kind: JobKind::Provision,
             image_url: "http://h/a.img".into(),
             volume_name: volume.into(),
             volume_size_gb: 1,

@@ -31,6 +31,13 @@ impl VolumeBackend for DirBackend {
         "dir"
     }
 
+    fn check(&self) -> Result<(), String> {
+        let probe = self.dir.join(format!(".lvp-ready-probe-{}", std::process::id()));
+        fs::write(&probe, b"")
+            .and_then(|()| fs::remove_file(&probe))
+            .map_err(|e| format!("volume directory {} not writable: {e}", self.dir.display()))
+    }
+
     fn describe(&self, name: &str) -> String {
         self.path(name).display().to_string()
     }

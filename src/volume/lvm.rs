@@ -102,6 +102,12 @@ impl VolumeBackend for LvmBackend {
         "lvm"
     }
 
+    fn check(&self) -> Result<(), String> {
+        let out = cmd::run(&vgs_argv(&self.vg))
+            .map_err(|e| format!("volume group {} not usable: {e}", self.vg))?;
+        parse_vgs(&out.stdout, &self.vg).map(|_| ())
+    }
+
     fn describe(&self, name: &str) -> String {
         format!("{}/{name}", self.vg)
     }

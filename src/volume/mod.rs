@@ -32,6 +32,10 @@ pub trait VolumeBackend: Send + Sync {
     /// `lvm` or `dir`.
     fn kind(&self) -> &'static str;
 
+    /// Whether the backend can take work now (for `/readyz`): the reason
+    /// when it cannot.
+    fn check(&self) -> Result<(), String>;
+
     /// How logs and errors name the volume: `vg0/vm-1` or a file path.
     fn describe(&self, name: &str) -> String;
 
