@@ -683,6 +683,12 @@ impl Api {
             .unwrap_or_else(|e| panic!("{method} {path} failed at the transport level: {e}"))
     }
 
+    /// POSTs a JSON body to `path` (the cache prefetch endpoint, say).
+    #[track_caller]
+    pub fn provision_path(&self, path: &str, body: &Value) -> Reply {
+        self.request("POST", path, Some(body.to_string().as_bytes()))
+    }
+
     #[track_caller]
     pub fn provision(&self, body: &Value) -> Reply {
         self.request("POST", "/api/v1/provision", Some(body.to_string().as_bytes()))
