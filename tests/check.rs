@@ -1,0 +1,189 @@
+//! `libvirt-volume-provisioner check -- <serve flags>`: one line per
+//! finding, exit 0 without errors and 1 with any, and no daemon started.
+
+mod common;
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use rcgen::{CertificateParams, DnType, KeyPair};
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// Runs `check -- <args>`; returns its exit status and stdout lines. A
+/// check that printed anything on stderr fails the test.
+fn check(args: &[String]) -> (i32, Vec<String>) {
+    let out = Command::new(BIN)
+        .arg("check")
+        .arg("--")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {BIN} check: {e}"));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.is_empty(), "check wrote to stderr: {stderr}\nstdout:\n{stdout}");
+    let lines: Vec<String> = stdout.lines().map(str::to_string).collect();
+    for l in &lines {
+        assert!(
+            l.starts_with("ok: ") || l.starts_with("warn: ") || l.starts_with("error: "),
+            "unexpected line {l:?} in\n{stdout}"
+        );
+    }
+    (out.status.code().expect("check exited, not killed"), lines)
+}
+
+/// The `serve` flags the harness would start a daemon with, without the
+/// leading `serve`.
+fn serve_flags(dir: &TestDir, pki: &Pki, port: u16) -> Vec<String> {
+    let mut args = Daemon::args(dir, pki, &Auth::mtls(), port);
+    assert_eq!(args.remove(0), "serve");
+    args
+}
+
+/// Replaces the value of `flag` in `args`.
+fn set(args: &mut [String], flag: &str, value: &Path) {
+    let at = args.iter().position(|a| a == flag).unwrap_or_else(|| panic!("{flag} in {args:?}"));
+    args[at + 1] = value.display().to_string();
+}
+
+fn lines_starting<'a>(lines: &'a [String], prefix: &str) -> Vec<&'a String> {
+    lines.iter().filter(|l| l.starts_with(prefix)).collect()
+}
+
+/// A self-signed server certificate for localhost valid from `from` to
+/// `until`, written with its key to `<dir>/<name>.pem` and `.key`.
+fn server_cert(dir: &Path, name: &str, from: SystemTime, until: SystemTime) -> (PathBuf, PathBuf) {
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.not_before = from.into();
+    params.not_after = until.into();
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_path, key_path) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    fs::write(&cert_path, cert.pem()).unwrap();
+    fs::write(&key_path, key.serialize_pem()).unwrap();
+    (cert_path, key_path)
+}
+
+#[test]
+fn check_passes_a_good_config_without_binding_or_leaving_files() {
+    let dir = TestDir::new("check-good");
+    let pki = Pki::create(&dir);
+    // Hold the listen port: check must not need it.
+    let held = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let (code, lines) = check(&serve_flags(&dir, &pki, port));
+    assert_eq!(code, 0, "{lines:#?}");
+    assert!(lines_starting(&lines, "error: ").is_empty(), "{lines:#?}");
+    assert!(lines_starting(&lines, "warn: ").is_empty(), "{lines:#?}");
+    let text = lines.join("\n");
+    for words in [
+        format!("ok: serve settings are valid (listen 127.0.0.1:{port}, backend dir,"),
+        "ok: qemu-img found".to_string(),
+        format!(
+            "ok: --tls-cert {}: certificate \"CN=localhost\" valid until",
+            pki.server_cert.display()
+        ),
+        format!(
+            "ok: --client-ca {}: certificate \"CN=lvp test CA\" valid until",
+            pki.ca_cert.display()
+        ),
+    ] {
+        assert!(text.contains(&words), "missing {words:?} in\n{text}");
+    }
+    // The directories exist now (as serve would make them), and are empty.
+    for sub in ["volumes", "cache", "state"] {
+        assert_eq!(list_dir(&dir.join(sub)), Vec::<String>::new(), "{sub} left files behind");
+    }
+    drop(held);
+}
+
+#[test]
+fn check_reports_each_problem_of_a_bad_config_on_its_own_line() {
+    let dir = TestDir::new("check-bad");
+    let pki = Pki::create(&dir);
+    let mut args = serve_flags(&dir, &pki, free_port());
+    // 1. a certificate file that does not exist
+    let missing = dir.join("pki/missing.pem");
+    set(&mut args, "--tls-cert", &missing);
+    // 2. no way to authenticate clients
+    let at = args.iter().position(|a| a == "--client-ca").unwrap();
+    args.drain(at..at + 2);
+    // 3. a volume directory that is a file
+    let not_a_dir = dir.join("volumes-file");
+    fs::write(&not_a_dir, "").unwrap();
+    set(&mut args, "--volume-dir", &not_a_dir);
+
+    let (code, lines) = check(&args);
+    assert_eq!(code, 1, "{lines:#?}");
+    let errors = lines_starting(&lines, "error: ");
+    assert_eq!(errors.len(), 3, "one line per problem: {lines:#?}");
+    let expected = [
+        format!("--tls-cert {}", missing.display()),
+        "no way to authenticate clients".to_string(),
+        format!("--volume-dir {}", not_a_dir.display()),
+    ];
+    for words in &expected {
+        assert_eq!(
+            errors.iter().filter(|e| e.contains(words.as_str())).count(),
+            1,
+            "exactly one error about {words:?}: {lines:#?}"
+        );
+    }
+    // What is fine is still said to be fine.
+    assert!(lines.iter().any(|l| l.starts_with("ok: qemu-img found")), "{lines:#?}");
+}
+
+#[test]
+fn check_reports_unparseable_serve_flags() {
+    let (code, lines) = check(&["--workers".to_string(), "two".to_string()]);
+    assert_eq!(code, 1);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].starts_with("error: serve flags: ") && lines[0].contains("--workers"));
+}
+
+#[test]
+fn check_warns_about_a_certificate_expiring_within_30_days() {
+    let dir = TestDir::new("check-expiring");
+    let pki = Pki::create(&dir);
+    let now = SystemTime::now();
+    let (cert, key) = server_cert(&dir.join("pki"), "soon", now - DAY, now + 10 * DAY);
+    let mut args = serve_flags(&dir, &pki, free_port());
+    set(&mut args, "--tls-cert", &cert);
+    set(&mut args, "--tls-key", &key);
+
+    let (code, lines) = check(&args);
+    assert_eq!(code, 0, "a warning alone does not fail the check: {lines:#?}");
+    let warns = lines_starting(&lines, "warn: ");
+    assert_eq!(warns.len(), 1, "{lines:#?}");
+    let w = warns[0];
+    assert!(w.starts_with(&format!("warn: --tls-cert {}: certificate \"CN=soon\"", cert.display())));
+    assert!(w.contains("expires on ") && w.contains("in 10 days"), "{w}");
+    assert!(lines.iter().any(|l| l.starts_with("ok: --client-ca ")), "{lines:#?}");
+}
+
+#[test]
+fn check_refuses_an_expired_or_not_yet_valid_certificate() {
+    let dir = TestDir::new("check-expired");
+    let pki = Pki::create(&dir);
+    let now = SystemTime::now();
+    for (name, from, until, words) in [
+        ("old", now - 40 * DAY, now - DAY, "expired on "),
+        ("future", now + DAY, now + 400 * DAY, "is not valid before "),
+    ] {
+        let (cert, key) = server_cert(&dir.join("pki"), name, from, until);
+        let mut args = serve_flags(&dir, &pki, free_port());
+        set(&mut args, "--tls-cert", &cert);
+        set(&mut args, "--tls-key", &key);
+        let (code, lines) = check(&args);
+        assert_eq!(code, 1, "{lines:#?}");
+        let errors = lines_starting(&lines, "error: ");
+        assert_eq!(errors.len(), 1, "{lines:#?}");
+        assert!(errors[0].contains(&format!("certificate \"CN={name}\" {words}")), "{lines:#?}");
+    }
+}
