@@ -254,7 +254,7 @@ impl JobTable {
             .filter(|j| status.is_none_or(|s| j.status == s))
             .filter(|j| correlation_id.is_none_or(|c| j.correlation_id() == c))
             .collect();
-        jobs.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        jobs.sort_by_key(|j| std::cmp::Reverse(j.created_at));
         jobs.into_iter().take(limit).map(Job::view).collect()
     }
 
