@@ -87,3 +87,49 @@ fn least_recently_used_entry_no_job_needs_is_evicted_and_the_others_stay() {
     }
     assert_eq!(h.api.status(&waiting).body["status"], "cancelled");
 }
+
+/// Provisions `image` into `volume` and returns the final status.
+fn provision(h: &Harness, image: &str, volume: &str) -> serde_json::Value {
+    let id = h.api.submit(&h.request(image, volume, 1, "qcow2"));
+    h.api.wait_final(&id, JOB_TIMEOUT)
+}
+
+#[test]
+fn truncated_entry_is_never_used_and_the_image_is_fetched_again() {
+    let h = Harness::start("trust-size", &[]);
+    let img = build_fs_image(h.image_dir(), "base", 81);
+    let name = img.qcow2_name();
+    let entry = h.daemon.cache_dir.join(format!("{}.img", sha256_file(&img.qcow2)));
+    assert_eq!(provision(&h, &name, "vm-one")["status"], "completed");
+
+    // As a full disk or a careless operator might leave it.
+    let len = std::fs::metadata(&entry).unwrap().len();
+    File::options().write(true).open(&entry).unwrap().set_len(len / 2).unwrap();
+
+    let status = provision(&h, &name, "vm-two");
+    assert_eq!((&status["status"], &status["cache_hit"]), (&json!("completed"), &json!(false)));
+    assert_eq!(h.images.gets(&name), 2, "the damaged entry sent the job back to the source");
+    assert_volume_holds(&h.daemon.volume("vm-two"), &img.raw, GIB);
+    assert_eq!(sha256_file(&entry), sha256_file(&img.qcow2), "the entry is whole again");
+}
+
+#[test]
+fn verify_cache_catches_an_entry_changed_in_place() {
+    let h = Harness::start("trust-digest", &["--verify-cache"]);
+    let img = build_fs_image(h.image_dir(), "base", 82);
+    let name = img.qcow2_name();
+    let entry = h.daemon.cache_dir.join(format!("{}.img", sha256_file(&img.qcow2)));
+    assert_eq!(provision(&h, &name, "vm-one")["status"], "completed");
+
+    // Same length, one byte changed: only the digest can tell.
+    let mut bytes = std::fs::read(&entry).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&entry, &bytes).unwrap();
+
+    let status = provision(&h, &name, "vm-two");
+    assert_eq!((&status["status"], &status["cache_hit"]), (&json!("completed"), &json!(false)));
+    assert_eq!(h.images.gets(&name), 2, "the changed entry sent the job back to the source");
+    assert_volume_holds(&h.daemon.volume("vm-two"), &img.raw, GIB);
+    assert!(h.daemon.log_text().contains("damaged"), "the operator is told");
+}

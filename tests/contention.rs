@@ -72,3 +72,28 @@ fn racing_jobs_for_one_volume_get_one_acceptance_and_volume_busy() {
     assert_volume_holds(&h.daemon.volume("vm-contended"), &img.raw, GIB);
     assert_eq!(h.images.gets(&name), 1, "only the accepted job downloaded");
 }
+
+#[test]
+fn full_queue_answers_503_with_retry_after_and_loses_no_accepted_job() {
+    let h = Harness::start("queue-full", &["--workers", "1", "--queue", "1"]);
+    let img = build_fs_image(h.image_dir(), "base", 73);
+    let name = img.qcow2_name();
+    h.images.set_slow(&name, Slow { chunk: 256 * 1024, delay: Duration::from_millis(100) });
+
+    let running = h.api.submit(&h.request(&name, "vm-running", 1, "qcow2"));
+    h.api.wait_until(&running, Duration::from_secs(30), "running", |s| s["status"] == "running");
+    let queued = h.api.submit(&h.request(&name, "vm-queued", 1, "qcow2"));
+
+    let refused = h.api.provision(&h.request(&name, "vm-refused", 1, "qcow2"));
+    let details = refused.expect_error(503, "queue_full");
+    assert!(!details.is_empty());
+    let retry_after = refused.headers.get("retry-after").expect("Retry-After on 503");
+    assert!(retry_after.to_str().unwrap().parse::<u64>().unwrap() > 0, "{retry_after:?}");
+
+    for (id, volume) in [(&running, "vm-running"), (&queued, "vm-queued")] {
+        let status = h.api.wait_final(id, JOB_TIMEOUT);
+        assert_eq!(status["status"], "completed", "{status:#}");
+        assert_volume_holds(&h.daemon.volume(volume), &img.raw, GIB);
+    }
+    assert!(!h.daemon.volume("vm-refused").exists(), "a refused submission touches nothing");
+}

@@ -133,3 +133,46 @@ fn stalled_server_is_retried_then_fails_in_bounded_time() {
     assert_eq!(cache_files(&h.daemon.cache_dir), Vec::<String>::new(), "no .part left");
     assert_eq!(list_dir(&h.daemon.volume_dir), Vec::<String>::new(), "no volume");
 }
+
+#[test]
+fn server_without_content_length_is_read_to_the_end() {
+    let h = Harness::start("no-length", &[]);
+    let img = build_fs_image(h.image_dir(), "base", 24);
+    let name = img.qcow2_name();
+    h.images.omit_length(&name);
+
+    let id = h.api.submit(&h.request(&name, "vm-no-length", 1, "qcow2"));
+    let status = h.api.wait_final(&id, JOB_TIMEOUT);
+    assert_completed_with_one_entry(&h, &status, &img, "vm-no-length");
+    assert_eq!(h.images.gets(&name), 1, "{:#?}", h.images.get_log(&name));
+}
+
+#[test]
+fn redirects_are_followed_up_to_a_bound_and_a_longer_chain_fails() {
+    let h = Harness::start("redirects", &["--retry-delay", "0"]);
+    let img = build_fs_image(h.image_dir(), "base", 25);
+    let name = img.qcow2_name();
+    let request = |url: String, volume: &str| {
+        let mut body = h.request(&name, volume, 1, "qcow2");
+        body["image_url"] = url.into();
+        body
+    };
+
+    let id = h.api.submit(&request(h.images.redirecting_url(&name, 3), "vm-three-hops"));
+    let status = h.api.wait_final(&id, JOB_TIMEOUT);
+    assert_completed_with_one_entry(&h, &status, &img, "vm-three-hops");
+
+    // A chain longer than any object store needs: the job fails, naming
+    // the cause, and neither a volume nor a second cache entry appears.
+    let long = format!("longer-{name}");
+    std::fs::copy(&img.qcow2, h.image_dir().join(&long)).unwrap();
+    std::fs::write(h.image_dir().join(format!("{long}.sha256")), "0".repeat(64)).unwrap();
+    let id = h.api.submit(&request(h.images.redirecting_url(&long, 20), "vm-many-hops"));
+    let status = h.api.wait_final(&id, JOB_TIMEOUT);
+    assert_eq!(status["status"], "failed", "{status:#}");
+    let error = status["error"].as_str().unwrap_or_default();
+    assert!(error.to_lowercase().contains("redirect"), "names the redirects: {status:#}");
+    assert_eq!(h.images.gets(&long), 0, "the end of the chain was never reached");
+    assert!(!h.daemon.volume("vm-many-hops").exists(), "no volume for a failed download");
+    assert_eq!(cache_files(&h.daemon.cache_dir).len(), 1, "only the first image is cached");
+}

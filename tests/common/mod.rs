@@ -225,6 +225,8 @@ struct Behaviour {
     ignore_range: bool,
     /// Send the response head, then nothing, until the server is dropped.
     stall: bool,
+    /// Send no Content-Length: the body ends when the connection closes.
+    no_length: bool,
 }
 
 /// One GET as the server saw it.
@@ -344,6 +346,19 @@ impl ImageServer {
         self.behave(name, |b| b.stall = true);
     }
 
+    /// Serves `/<name>` without a Content-Length, ending the body by
+    /// closing the connection, as some servers and proxies do.
+    pub fn omit_length(&self, name: &str) {
+        self.behave(name, |b| b.no_length = true);
+    }
+
+    /// A URL that reaches `/<name>` through `hops` redirects (302), each
+    /// to a different path: `/hop/<n>/<name>` sends to `/hop/<n-1>/<name>`
+    /// and `/hop/0/<name>` to `/<name>`.
+    pub fn redirecting_url(&self, name: &str, hops: usize) -> String {
+        self.url(&format!("hop/{}/{name}", hops - 1))
+    }
+
     /// Serves `/<name>` normally again.
     pub fn serve_normally(&self, name: &str) {
         self.state.behaviours.lock().unwrap().remove(&key(name));
@@ -408,6 +423,18 @@ fn serve_connection(mut stream: TcpStream, root: &Path, state: &ServerState) {
         .collect();
     let header = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
     let path = target.split('?').next().unwrap_or("/").to_string();
+    if let Some((n, rest)) = path.strip_prefix("/hop/").and_then(|p| p.split_once('/')) {
+        let next = match n.parse::<usize>() {
+            Ok(0) => format!("/{rest}"),
+            Ok(n) => format!("/hop/{}/{rest}", n - 1),
+            Err(_) => "/".to_string(),
+        };
+        let head = format!(
+            "HTTP/1.1 302 Found\r\nLocation: {next}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        let _ = stream.write_all(head.as_bytes());
+        return;
+    }
     let behaviour = state.behaviours.lock().unwrap().get(&path).copied().unwrap_or_default();
 
     let rel = path.trim_start_matches('/');
@@ -477,7 +504,10 @@ fn serve_connection(mut stream: TcpStream, root: &Path, state: &ServerState) {
                 None => "HTTP/1.1 200 OK\r\n".to_string(),
             };
             // A Content-Length as an object store sends, never chunked.
-            head.push_str(&format!("Content-Length: {}\r\nETag: {tag}\r\n", len - from));
+            if !behaviour.no_length {
+                head.push_str(&format!("Content-Length: {}\r\n", len - from));
+            }
+            head.push_str(&format!("ETag: {tag}\r\n"));
             if !behaviour.ignore_range {
                 head.push_str("Accept-Ranges: bytes\r\n");
             }
