@@ -3,29 +3,12 @@
 
 mod common;
 
-use std::fs;
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Processes whose command line mentions `path` (a qemu-img still writing
-/// the volume, say).
-fn processes_using(path: &Path) -> Vec<String> {
-    let needle = path.display().to_string();
-    let mut found = Vec::new();
-    for entry in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else { continue };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(&needle) {
-            found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
-        }
-    }
-    found
-}
 
 #[test]
 fn cancel_during_the_write_stops_it_and_removes_the_volume() {

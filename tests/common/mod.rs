@@ -5,8 +5,10 @@
 //!   the test fails so its daemon log and volumes can be read.
 //! - [`Pki`]: a test CA, server and client certificates made with rcgen at
 //!   test time, plus an unrelated CA with its own client certificate.
-//! - [`ImageServer`]: a tiny_http server that serves a directory, counts
-//!   GETs per path and can trickle chosen files slowly.
+//! - [`ImageServer`]: an HTTP server that serves a directory with ETags and
+//!   ranges, logs every GET with its `Range` headers, and can misbehave per
+//!   file: trickle slowly, answer 500, hang up mid-body, ignore `Range`, or
+//!   stall.
 //! - [`Daemon`]: `libvirt-volume-provisioner serve` on a free loopback port,
 //!   killed and reaped on drop, its log printed when the test fails.
 //! - [`Api`]: a ureq client with the test CA as its only root.
@@ -20,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -209,44 +211,79 @@ pub struct Slow {
     pub delay: Duration,
 }
 
+/// How the server treats one path. The default serves the file whole and
+/// at once, with a strong ETag, honouring `Range` and `If-Range`.
+#[derive(Clone, Copy, Debug, Default)]
+struct Behaviour {
+    slow: Option<Slow>,
+    /// Answer 500 to this many GETs before serving the file.
+    fail_first: usize,
+    /// On the first GET, close the connection after this many body bytes
+    /// (the announced Content-Length stays the whole length).
+    drop_first_after: Option<u64>,
+    /// Answer 200 with the whole file whatever `Range` says.
+    ignore_range: bool,
+    /// Send the response head, then nothing, until the server is dropped.
+    stall: bool,
+    /// Send no Content-Length: the body ends when the connection closes.
+    no_length: bool,
+}
+
+/// One GET as the server saw it.
+#[derive(Clone, Debug)]
+pub struct Get {
+    pub path: String,
+    /// The `Range` header, as sent.
+    pub range: Option<String>,
+    /// The `If-Range` header, as sent.
+    pub if_range: Option<String>,
+    /// The status the server answered with.
+    pub status: u16,
+}
+
 #[derive(Default)]
 struct ServerState {
-    gets: Mutex<HashMap<String, usize>>,
+    gets: Mutex<Vec<Get>>,
     requests: AtomicUsize,
-    slow: Mutex<HashMap<String, Slow>>,
-    /// Set on drop, so slow responses stop trickling.
+    behaviours: Mutex<HashMap<String, Behaviour>>,
+    /// Set on drop, so slow and stalled responses end.
     stopping: AtomicBool,
 }
 
-/// A plain HTTP server on 127.0.0.1 serving the files of one directory.
+/// A plain HTTP/1.1 server on 127.0.0.1 serving the files of one
+/// directory, one thread per connection and one request per connection
+/// (`Connection: close`). Written on a bare socket rather than on an HTTP
+/// library because the tests need what a library will not do on purpose:
+/// hang up in the middle of a body, or stall after the head.
 pub struct ImageServer {
-    server: Arc<tiny_http::Server>,
     state: Arc<ServerState>,
     root: PathBuf,
-    port: u16,
+    addr: SocketAddr,
     thread: Option<JoinHandle<()>>,
 }
 
 impl ImageServer {
     pub fn start(root: &Path) -> ImageServer {
-        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("start image server"));
-        let port = server.server_addr().to_ip().expect("an IP address").port();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("start image server");
+        let addr = listener.local_addr().unwrap();
         let state = Arc::new(ServerState::default());
         let thread = {
-            let (server, state, root) = (Arc::clone(&server), Arc::clone(&state), root.to_owned());
+            let (state, root) = (Arc::clone(&state), root.to_owned());
             thread::Builder::new()
                 .name("image-server".into())
                 .spawn(move || {
-                    // One thread per request: a slow download must not hold
-                    // up the sidecar fetch of another job.
-                    while let Ok(request) = server.recv() {
+                    for stream in listener.incoming() {
+                        if state.stopping.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let Ok(stream) = stream else { continue };
                         let (state, root) = (Arc::clone(&state), root.clone());
-                        thread::spawn(move || serve_file(&root, &state, request));
+                        thread::spawn(move || serve_connection(stream, &root, &state));
                     }
                 })
                 .unwrap()
         };
-        ImageServer { server, state, root: root.to_owned(), port, thread: Some(thread) }
+        ImageServer { state, root: root.to_owned(), addr, thread: Some(thread) }
     }
 
     pub fn root(&self) -> &Path {
@@ -255,13 +292,18 @@ impl ImageServer {
 
     /// `http://127.0.0.1:<port>/<name>`.
     pub fn url(&self, name: &str) -> String {
-        format!("http://127.0.0.1:{}/{name}", self.port)
+        format!("http://{}/{name}", self.addr)
     }
 
     /// GET requests seen for `/<name>`.
     pub fn gets(&self, name: &str) -> usize {
-        let key = format!("/{}", name.trim_start_matches('/'));
-        self.state.gets.lock().unwrap().get(&key).copied().unwrap_or(0)
+        self.get_log(name).len()
+    }
+
+    /// The GET requests seen for `/<name>`, in order.
+    pub fn get_log(&self, name: &str) -> Vec<Get> {
+        let key = key(name);
+        self.state.gets.lock().unwrap().iter().filter(|g| g.path == key).cloned().collect()
     }
 
     /// Every request seen, any method, any path.
@@ -269,77 +311,260 @@ impl ImageServer {
         self.state.requests.load(Ordering::SeqCst)
     }
 
-    /// Serves `/<name>` `chunk` bytes at a time with a pause between chunks.
+    /// The strong ETag the server sends for `/<name>`.
+    pub fn etag(&self, name: &str) -> String {
+        etag(&fs::metadata(self.root.join(name)).unwrap())
+    }
+
+    fn behave(&self, name: &str, change: impl FnOnce(&mut Behaviour)) {
+        change(self.state.behaviours.lock().unwrap().entry(key(name)).or_default());
+    }
+
+    /// Serves `/<name>` `chunk` bytes at a time with a pause before each.
     pub fn set_slow(&self, name: &str, slow: Slow) {
-        let key = format!("/{}", name.trim_start_matches('/'));
-        self.state.slow.lock().unwrap().insert(key, slow);
+        self.behave(name, |b| b.slow = Some(slow));
+    }
+
+    /// Answers the first `n` GETs of `/<name>` with a 500.
+    pub fn fail_first(&self, name: &str, n: usize) {
+        self.behave(name, |b| b.fail_first = n);
+    }
+
+    /// Hangs up the first GET of `/<name>` after `bytes` bytes of its body.
+    pub fn drop_first_after(&self, name: &str, bytes: u64) {
+        self.behave(name, |b| b.drop_first_after = Some(bytes));
+    }
+
+    /// Answers every GET of `/<name>` with 200 and the whole file, as a
+    /// server without range support does.
+    pub fn ignore_range(&self, name: &str) {
+        self.behave(name, |b| b.ignore_range = true);
+    }
+
+    /// Sends the head of every answer for `/<name>`, then no byte more.
+    pub fn stall(&self, name: &str) {
+        self.behave(name, |b| b.stall = true);
+    }
+
+    /// Serves `/<name>` without a Content-Length, ending the body by
+    /// closing the connection, as some servers and proxies do.
+    pub fn omit_length(&self, name: &str) {
+        self.behave(name, |b| b.no_length = true);
+    }
+
+    /// A URL that reaches `/<name>` through `hops` redirects (302), each
+    /// to a different path: `/hop/<n>/<name>` sends to `/hop/<n-1>/<name>`
+    /// and `/hop/0/<name>` to `/<name>`.
+    pub fn redirecting_url(&self, name: &str, hops: usize) -> String {
+        self.url(&format!("hop/{}/{name}", hops - 1))
+    }
+
+    /// Serves `/<name>` normally again.
+    pub fn serve_normally(&self, name: &str) {
+        self.state.behaviours.lock().unwrap().remove(&key(name));
     }
 }
 
 impl Drop for ImageServer {
     fn drop(&mut self) {
         self.state.stopping.store(true, Ordering::SeqCst);
-        self.server.unblock();
+        // Wakes the accept loop so that it sees `stopping`.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-fn serve_file(root: &Path, state: &Arc<ServerState>, request: tiny_http::Request) {
-    state.requests.fetch_add(1, Ordering::SeqCst);
-    let path = request.url().split('?').next().unwrap_or("/").to_string();
-    if *request.method() == tiny_http::Method::Get {
-        *state.gets.lock().unwrap().entry(path.clone()).or_insert(0) += 1;
+/// The request path for a file name.
+fn key(name: &str) -> String {
+    format!("/{}", name.trim_start_matches('/'))
+}
+
+fn etag(meta: &fs::Metadata) -> String {
+    let mtime = meta.modified().unwrap().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    format!("\"{:x}-{mtime:x}\"", meta.len())
+}
+
+/// Reads a request head (up to the blank line); `None` if the client
+/// hung up or sent something that is not one.
+fn read_head(stream: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).ok().filter(|&n| n > 0)?;
+        head.extend_from_slice(&buf[..n]);
+        if head.len() > 64 * 1024 {
+            return None;
+        }
     }
+    String::from_utf8(head).ok()
+}
+
+/// `bytes=START-` or `bytes=START-END` → START.
+fn range_start(value: &str) -> Option<u64> {
+    let (start, _end) = value.trim().strip_prefix("bytes=")?.split_once('-')?;
+    start.trim().parse().ok()
+}
+
+fn serve_connection(mut stream: TcpStream, root: &Path, state: &ServerState) {
+    use std::io::Write;
+
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let Some(head) = read_head(&mut stream) else { return };
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    let mut lines = head.split("\r\n");
+    let mut request_line = lines.next().unwrap_or_default().split(' ');
+    let method = request_line.next().unwrap_or_default().to_string();
+    let target = request_line.next().unwrap_or("/");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let header = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+    let path = target.split('?').next().unwrap_or("/").to_string();
+    if let Some((n, rest)) = path.strip_prefix("/hop/").and_then(|p| p.split_once('/')) {
+        let next = match n.parse::<usize>() {
+            Ok(0) => format!("/{rest}"),
+            Ok(n) => format!("/hop/{}/{rest}", n - 1),
+            Err(_) => "/".to_string(),
+        };
+        let head = format!(
+            "HTTP/1.1 302 Found\r\nLocation: {next}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        let _ = stream.write_all(head.as_bytes());
+        return;
+    }
+    let behaviour = state.behaviours.lock().unwrap().get(&path).copied().unwrap_or_default();
+
     let rel = path.trim_start_matches('/');
     let file = if rel.is_empty() || rel.split('/').any(|s| s == "..") {
         None
     } else {
         File::open(root.join(rel)).ok().filter(|f| f.metadata().is_ok_and(|m| m.is_file()))
     };
-    let Some(file) = file else {
-        let _ =
-            request.respond(tiny_http::Response::from_string("not found").with_status_code(404));
-        return;
+    let meta = file.as_ref().map(|f| f.metadata().unwrap());
+    let len = meta.as_ref().map_or(0, |m| m.len());
+    let tag = meta.as_ref().map(etag).unwrap_or_default();
+    let (range, if_range) = (header("range"), header("if-range"));
+    // A range is honoured when its validator (if any) names this version
+    // of the file, as RFC 9110 says.
+    let start = match (&range, behaviour.ignore_range) {
+        (Some(r), false) if if_range.as_ref().is_none_or(|v| *v == tag) => {
+            range_start(r).filter(|&s| s < len)
+        }
+        _ => None,
     };
-    let len = file.metadata().unwrap().len() as usize;
-    let slow = state.slow.lock().unwrap().get(&path).copied();
-    let reader: Box<dyn Read + Send> = match slow {
-        Some(slow) => Box::new(SlowReader { file, slow, left: 0, state: Arc::clone(state) }),
-        None => Box::new(file),
+
+    let nth = if method == "GET" {
+        let mut gets = state.gets.lock().unwrap();
+        let nth = gets.iter().filter(|g| g.path == path).count();
+        let status = match (&file, start) {
+            (None, _) => 404,
+            _ if nth < behaviour.fail_first => 500,
+            (_, Some(_)) => 206,
+            _ => 200,
+        };
+        gets.push(Get {
+            path: path.clone(),
+            range: range.clone(),
+            if_range: if_range.clone(),
+            status,
+        });
+        nth
+    } else {
+        0
     };
-    // A Content-Length like an object store sends, not tiny_http's
-    // default of chunked encoding for large bodies.
-    let response =
-        tiny_http::Response::new(tiny_http::StatusCode(200), vec![], reader, Some(len), None)
-            .with_chunked_threshold(usize::MAX);
-    let _ = request.respond(response);
+
+    let reply = |stream: &mut TcpStream, status: &str, extra: &str, body: &[u8]| {
+        let head = format!(
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = stream.write_all(head.as_bytes());
+        if method != "HEAD" {
+            let _ = stream.write_all(body);
+        }
+    };
+    match file {
+        None => reply(&mut stream, "404 Not Found", "", b"not found"),
+        Some(_) if method != "GET" && method != "HEAD" => {
+            reply(&mut stream, "405 Method Not Allowed", "", b"")
+        }
+        Some(_) if method == "GET" && nth < behaviour.fail_first => {
+            reply(&mut stream, "500 Internal Server Error", "", b"injected failure")
+        }
+        Some(mut file) => {
+            let from = start.unwrap_or(0);
+            let mut head = match start {
+                Some(s) => format!(
+                    "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {s}-{}/{len}\r\n",
+                    len - 1
+                ),
+                None => "HTTP/1.1 200 OK\r\n".to_string(),
+            };
+            // A Content-Length as an object store sends, never chunked.
+            if !behaviour.no_length {
+                head.push_str(&format!("Content-Length: {}\r\n", len - from));
+            }
+            head.push_str(&format!("ETag: {tag}\r\n"));
+            if !behaviour.ignore_range {
+                head.push_str("Accept-Ranges: bytes\r\n");
+            }
+            head.push_str("Connection: close\r\n\r\n");
+            if stream.write_all(head.as_bytes()).is_err() || method == "HEAD" {
+                return;
+            }
+            if behaviour.stall {
+                while !state.stopping.load(Ordering::SeqCst) {
+                    thread::sleep(Duration::from_millis(50));
+                }
+                return;
+            }
+            let limit = match behaviour.drop_first_after {
+                Some(n) if nth == 0 => n.min(len - from),
+                _ => len - from,
+            };
+            file.seek(SeekFrom::Start(from)).unwrap();
+            if send_body(&mut stream, &mut file, limit, behaviour.slow, state).is_err() {
+                return;
+            }
+        }
+    }
+    // Hang up gracefully: the client reads everything sent, then EOF.
+    let _ = stream.flush();
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut sink = [0u8; 1024];
+    while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
 }
 
-struct SlowReader {
-    file: File,
-    slow: Slow,
-    /// Bytes left before the next pause. tiny_http reads in small pieces,
-    /// so the pause is per chunk, not per read.
-    left: usize,
-    state: Arc<ServerState>,
-}
+/// Copies `limit` bytes of `file` to the client, paced by `slow`.
+fn send_body(
+    stream: &mut TcpStream,
+    file: &mut File,
+    limit: u64,
+    slow: Option<Slow>,
+    state: &ServerState,
+) -> io::Result<()> {
+    use std::io::Write;
 
-impl Read for SlowReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.state.stopping.load(Ordering::SeqCst) {
+    let chunk = slow.map_or(256 * 1024, |s| s.chunk);
+    let mut buf = vec![0u8; chunk];
+    let mut left = limit;
+    while left > 0 {
+        if state.stopping.load(Ordering::SeqCst) {
             return Err(io::Error::other("image server stopping"));
         }
-        if self.left == 0 {
-            thread::sleep(self.slow.delay);
-            self.left = self.slow.chunk;
+        if let Some(slow) = slow {
+            thread::sleep(slow.delay);
         }
-        let want = buf.len().min(self.left);
-        let n = self.file.read(&mut buf[..want])?;
-        self.left -= n;
-        Ok(n)
+        let want = left.min(chunk as u64) as usize;
+        file.read_exact(&mut buf[..want])?;
+        stream.write_all(&buf[..want])?;
+        left -= want as u64;
     }
+    Ok(())
 }
 
 // ---------------------------------------------------------------- Daemon
@@ -480,10 +705,17 @@ impl Daemon {
     /// Stops the daemon as `systemctl stop` would (SIGTERM), killing it if
     /// it is still running 10 s later, and returns how it exited.
     pub fn stop(&mut self) -> ExitStatus {
+        self.stop_within(START_TIMEOUT)
+    }
+
+    /// Sends SIGTERM and waits up to `patience` for the daemon to exit,
+    /// then kills it (SIGKILL). Returns how it exited: a signal, not a
+    /// status, when it had to be killed.
+    pub fn stop_within(&mut self, patience: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("daemon running");
         // SAFETY: kill(2) on our own child's pid, which we have not reaped.
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + START_TIMEOUT;
+        let deadline = Instant::now() + patience;
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 return status;
@@ -855,6 +1087,15 @@ impl Harness {
         Harness { api, daemon, images, pki, dir }
     }
 
+    /// Starts a mutual-TLS daemon with `extra` arguments on the directories
+    /// of the previous one (state, cache, volumes), which must have been
+    /// stopped or killed, and points `api` at it.
+    pub fn restart(&mut self, extra: &[&str]) {
+        assert!(self.daemon.child.is_none(), "stop or kill the daemon before a restart");
+        self.daemon = Daemon::start(&self.dir, &self.pki, &Auth::mtls(), extra);
+        self.api = Api::mtls(&self.daemon, &self.pki);
+    }
+
     /// Where images served by the image server are written.
     pub fn image_dir(&self) -> &Path {
         self.images.root()
@@ -1018,7 +1259,10 @@ pub fn build_tiny_qcow2(path: &Path) {
 // ---------------------------------------------------------------- checks
 
 /// Asserts that `volume` starts with exactly the bytes of `image` and reads
-/// as zeros after them, comparing here and with `qemu-img compare`.
+/// as zeros after them, comparing here and with `qemu-img compare`. Past
+/// the image's end only the volume's data extents are read: holes read as
+/// zeros by definition, and a 1 GiB sparse volume would otherwise cost
+/// seconds per check.
 #[track_caller]
 pub fn assert_volume_holds(volume: &Path, image: &Path, volume_size: u64) {
     let vlen = fs::metadata(volume).unwrap_or_else(|e| panic!("{}: {e}", volume.display())).len();
@@ -1030,41 +1274,96 @@ pub fn assert_volume_holds(volume: &Path, image: &Path, volume_size: u64) {
     let mut ib = vec![0u8; MIB as usize];
     let zeros = vec![0u8; MIB as usize];
     let mut off = 0u64;
-    while off < vlen {
-        let n = (vlen - off).min(MIB) as usize;
+    while off < vlen.min(ilen) {
+        let n = (vlen.min(ilen) - off).min(MIB) as usize;
         v.read_exact(&mut vb[..n]).unwrap();
-        if off < ilen {
-            let m = (ilen - off).min(n as u64) as usize;
-            i.read_exact(&mut ib[..m]).unwrap();
-            // Slice equality is a memcmp, fast even in a debug build.
-            if vb[..m] != ib[..m] {
-                let at = (0..m).find(|&k| vb[k] != ib[k]).unwrap();
-                panic!(
-                    "volume {} differs from image {} at byte {}",
-                    volume.display(),
-                    image.display(),
-                    off + at as u64
-                );
-            }
-            if vb[m..n] != zeros[m..n] {
-                panic!("volume {} is not zero after the image end", volume.display());
-            }
-        } else if vb[..n] != zeros[..n] {
-            let at = (0..n).find(|&k| vb[k] != 0).unwrap();
+        i.read_exact(&mut ib[..n]).unwrap();
+        // Slice equality is a memcmp, fast even in a debug build.
+        if vb[..n] != ib[..n] {
+            let at = (0..n).find(|&k| vb[k] != ib[k]).unwrap();
             panic!(
-                "volume {} holds non-zero byte {:#04x} at {} past the image end ({ilen})",
+                "volume {} differs from image {} at byte {}",
                 volume.display(),
-                vb[at],
+                image.display(),
                 off + at as u64
             );
         }
         off += n as u64;
+    }
+    for (start, end) in data_extents(&v, ilen.min(vlen), vlen) {
+        v.seek(SeekFrom::Start(start)).unwrap();
+        let mut off = start;
+        while off < end {
+            let n = (end - off).min(MIB) as usize;
+            v.read_exact(&mut vb[..n]).unwrap();
+            if vb[..n] != zeros[..n] {
+                let at = (0..n).find(|&k| vb[k] != 0).unwrap();
+                panic!(
+                    "volume {} holds non-zero byte {:#04x} at {} past the image end ({ilen})",
+                    volume.display(),
+                    vb[at],
+                    off + at as u64
+                );
+            }
+            off += n as u64;
+        }
     }
     // And qemu-img's own opinion: identical, the extra tail reading as zeros.
     run(Command::new("qemu-img")
         .args(["compare", "-q", "-f", "raw", "-F", "raw"])
         .arg(image)
         .arg(volume));
+}
+
+/// Asserts that `volume` holds the disk inside the qcow2 `image` and reads
+/// as zeros after it, by `qemu-img compare`: for images of a GiB or more,
+/// where a raw copy to compare with would cost as much again.
+#[track_caller]
+pub fn assert_volume_holds_qcow2(volume: &Path, image: &Path, volume_size: u64) {
+    let vlen = fs::metadata(volume).unwrap_or_else(|e| panic!("{}: {e}", volume.display())).len();
+    assert_eq!(vlen, volume_size, "volume {} has the wrong size", volume.display());
+    run(Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "qcow2", "-F", "raw"])
+        .arg(image)
+        .arg(volume));
+}
+
+/// Processes whose command line mentions `path` (a qemu-img still writing
+/// the volume, say).
+pub fn processes_using(path: &Path) -> Vec<String> {
+    let needle = path.display().to_string();
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&needle) {
+            found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+/// The `[start, end)` ranges of `file` between `from` and `len` that hold
+/// data, by `SEEK_DATA`/`SEEK_HOLE` (a file system without them reports
+/// one extent: everything).
+fn data_extents(file: &File, from: u64, len: u64) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let mut extents = Vec::new();
+    let mut off = from;
+    while off < len {
+        // SAFETY: lseek on a descriptor we own; it only moves the offset.
+        let data = unsafe { libc::lseek(fd, off as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: no data from here to the end.
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { len } else { (hole as u64).min(len) };
+        extents.push((data as u64, end));
+        off = end;
+    }
+    extents
 }
 
 /// The names in a directory, sorted; empty when it does not exist.
