@@ -1409,3 +1409,35 @@ pub fn with_field(mut body: Value, field: &str, value: Value) -> Value {
     body[field] = value;
     body
 }
+
+// ---------------------------------------------------------------- scripts
+
+/// `scripts/<name>` in this repository.
+pub fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name)
+}
+
+/// Whether `name` is a command on `PATH` (or in /usr/sbin, /sbin).
+pub fn have_command(name: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .any(|dir| dir.join(name).is_file())
+}
+
+/// Runs a command to the end and returns its output whatever its exit
+/// status, for tests that expect a failure; `output_text` shows it.
+#[track_caller]
+pub fn run_any(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"))
+}
+
+/// A command's exit status, stdout and stderr, for assertion messages.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "exit: {}\n--- stdout ---\n{}--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
