@@ -44,6 +44,12 @@
 
 set -euo pipefail
 
+# The comment block at the top of this file, on standard output.
+help() {
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+    exit 0
+}
+
 usage() {
     sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//' >&2
     echo "(see the top of $0 for every option)" >&2
@@ -96,7 +102,7 @@ while [ "$#" -gt 0 ]; do
         --parallel) need_value "$1" "$#"; parallel="$2"; shift 2 ;;
         --timeout) need_value "$1" "$#"; timeout="$2"; shift 2 ;;
         --correlation-prefix) need_value "$1" "$#"; corr_prefix="$2"; shift 2 ;;
-        -h|--help) usage ;;
+        -h|--help) help ;;
         --) shift; volumes+=("$@"); break ;;
         -*) bad_usage "unknown option $1" ;;
         *) volumes+=("$1"); shift ;;

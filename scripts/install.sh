@@ -33,6 +33,12 @@ set -euo pipefail
 
 name="libvirt-volume-provisioner"
 
+# The comment block at the top of this file, on standard output.
+help() {
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+    exit 0
+}
+
 usage() {
     sed -n '2,3p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
@@ -65,7 +71,7 @@ while [ "$#" -gt 0 ]; do
         --root=*) root="${1#--root=}"; shift ;;
         --uninstall) uninstall=1; shift ;;
         --no-build) build=0; shift ;;
-        -h|--help) usage ;;
+        -h|--help) help ;;
         *) echo "install.sh: unknown argument $1" >&2; usage ;;
     esac
 done

@@ -21,6 +21,12 @@
 
 set -euo pipefail
 
+# The comment block at the top of this file, on standard output.
+help() {
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+    exit 0
+}
+
 usage() {
     sed -n '2,3p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
@@ -31,7 +37,7 @@ args=()
 for arg in "$@"; do
     case "$arg" in
         --force) force=1 ;;
-        -h|--help) usage ;;
+        -h|--help) help ;;
         -*) echo "make-certs.sh: unknown option $arg" >&2; usage ;;
         *) args+=("$arg") ;;
     esac
@@ -100,13 +106,18 @@ sign() {
 
 # The CA: self-signed, allowed to sign leaf certificates only.
 new_key "$outdir/ca.key"
-cat >"$work/ca.cnf" <<'EOF'
+# Each CA gets a name of its own: clients and servers pick the issuer of a
+# certificate by name, so two CAs with one name (made for two hosts, say)
+# would turn a mixed-up certificate into a baffling "bad signature" instead
+# of "unknown CA".
+ca_name="libvirt-volume-provisioner CA $host $(openssl rand -hex 4)"
+cat >"$work/ca.cnf" <<EOF
 [req]
 distinguished_name = dn
 prompt = no
 x509_extensions = ca_ext
 [dn]
-CN = libvirt-volume-provisioner CA
+CN = $ca_name
 [ca_ext]
 basicConstraints = critical, CA:true, pathlen:0
 keyUsage = critical, keyCertSign, cRLSign

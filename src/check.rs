@@ -100,6 +100,35 @@ fn check(serve: &Serve, now: i64) -> Vec<Finding> {
                 "--state-dir {} is writable",
                 config.state_dir.display()
             )));
+            // What a running daemon holds: its directories' locks and its
+            // port. Checking a new configuration before a restart meets
+            // them in use, so that is a warning; each probe lets go at once.
+            for (dir, name, flag) in [
+                (&config.state_dir, "lock", "--state-dir"),
+                (&config.cache_dir, ".lvp-lock", "--cache-dir"),
+            ] {
+                if let Some(why) = held_lock(&dir.join(name)) {
+                    findings.push(Finding::Warn(format!(
+                        "{flag} {} is in use by a running daemon ({why}); serve will not \
+                         start on it until that daemon stops",
+                        dir.display()
+                    )));
+                }
+            }
+            match std::net::TcpListener::bind(config.listen) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    findings.push(Finding::Warn(format!(
+                        "--listen {}: the address is in use (a running daemon?); serve will not \
+                         start there until it is free",
+                        config.listen
+                    )))
+                }
+                Err(e) => findings.push(Finding::Error(format!(
+                    "--listen {}: cannot listen there ({e})",
+                    config.listen
+                ))),
+            }
         }
         Err(problems) => findings.extend(problems.into_iter().map(Finding::Error)),
     }
@@ -246,6 +275,16 @@ fn lower_first(text: &str) -> String {
         Some(c) => c.to_lowercase().chain(chars).collect(),
         None => String::new(),
     }
+}
+
+/// Whether another process holds the lock file at `path` (a running
+/// daemon), without creating it.
+fn held_lock(path: &std::path::Path) -> Option<&'static str> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new().write(true).open(path).ok()?;
+    // SAFETY: flock on a descriptor we own; the lock goes with the file.
+    let taken = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0;
+    taken.then_some("its lock is held")
 }
 
 #[cfg(test)]

@@ -34,8 +34,9 @@ pub fn run(config: Config) -> Result<(), String> {
     let started = Instant::now();
     // Two daemons on one state or cache directory would sweep each other's
     // downloads and replay each other's journal: refuse the second.
-    lock_dir(&config.state_dir, "lock", "--state-dir")?;
-    lock_dir(&config.cache_dir, ".lvp-lock", "--cache-dir")?;
+    // Held until the process exits.
+    let _state_lock = lock_dir(&config.state_dir, "lock", "--state-dir")?;
+    let _cache_lock = lock_dir(&config.cache_dir, ".lvp-lock", "--cache-dir")?;
     let (table, interrupted) =
         JobTable::open(&config.state_dir, config.retention).map_err(|e| {
             format!("--state-dir {}: cannot read the job journal: {e}", config.state_dir.display())
@@ -123,8 +124,9 @@ pub fn run(config: Config) -> Result<(), String> {
     Ok(())
 }
 
-/// Takes an exclusive lock on `<dir>/<name>` for the life of the process.
-fn lock_dir(dir: &std::path::Path, name: &str, flag: &str) -> Result<(), String> {
+/// Takes an exclusive lock on `<dir>/<name>`, held while the returned
+/// file is open.
+fn lock_dir(dir: &std::path::Path, name: &str, flag: &str) -> Result<std::fs::File, String> {
     use std::os::fd::AsRawFd;
     let path = dir.join(name);
     let file =
@@ -138,9 +140,7 @@ fn lock_dir(dir: &std::path::Path, name: &str, flag: &str) -> Result<(), String>
             dir.display()
         ));
     }
-    // Held until the process exits.
-    std::mem::forget(file);
-    Ok(())
+    Ok(file)
 }
 
 /// Sets `stop` on the first SIGTERM or SIGINT.

@@ -80,7 +80,11 @@ fn check_passes_a_good_config_without_binding_or_leaving_files() {
     let (code, lines) = check(&serve_flags(&dir, &pki, port));
     assert_eq!(code, 0, "{lines:#?}");
     assert!(lines_starting(&lines, "error: ").is_empty(), "{lines:#?}");
-    assert!(lines_starting(&lines, "warn: ").is_empty(), "{lines:#?}");
+    // The held port is only a warning: checking a new configuration while
+    // the daemon still runs is what an operator does before a restart.
+    let warnings = lines_starting(&lines, "warn: ");
+    assert_eq!(warnings.len(), 1, "{lines:#?}");
+    assert!(warnings[0].contains(&format!("--listen 127.0.0.1:{port}: the address is in use")));
     let text = lines.join("\n");
     for words in [
         format!("ok: serve settings are valid (listen 127.0.0.1:{port}, backend dir,"),
@@ -101,6 +105,30 @@ fn check_passes_a_good_config_without_binding_or_leaving_files() {
         assert_eq!(list_dir(&dir.join(sub)), Vec::<String>::new(), "{sub} left files behind");
     }
     drop(held);
+}
+
+#[test]
+fn check_warns_that_a_running_daemon_holds_the_directories_and_the_port() {
+    let dir = TestDir::new("check-running");
+    let pki = Pki::create(&dir);
+    let daemon = Daemon::start(&dir, &pki, &Auth::mtls(), &[]);
+    let port = daemon.base_url().rsplit(':').next().unwrap().parse().unwrap();
+    let (code, lines) = check(&serve_flags(&dir, &pki, port));
+    assert_eq!(code, 0, "warnings only: {lines:#?}");
+    let warnings = lines_starting(&lines, "warn: ");
+    let text = lines.join("\n");
+    for words in [
+        format!("--state-dir {} is in use by a running daemon", dir.join("state").display()),
+        format!("--cache-dir {} is in use by a running daemon", dir.join("cache").display()),
+        format!("--listen 127.0.0.1:{port}: the address is in use"),
+    ] {
+        assert!(text.contains(&words), "missing {words:?} in\n{text}");
+    }
+    assert_eq!(warnings.len(), 3, "{lines:#?}");
+    drop(daemon);
+    // With the daemon gone, nothing is in use.
+    let (code, lines) = check(&serve_flags(&dir, &pki, port));
+    assert_eq!((code, lines_starting(&lines, "warn: ").len()), (0, 0), "{lines:#?}");
 }
 
 #[test]
