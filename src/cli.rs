@@ -184,7 +184,7 @@ pub struct Client {
     #[argh(option)]
     pub key: Option<String>,
 
-    /// file holding an API token (or set $LVP_TOKEN); never pass the token itself
+    /// file holding an API token (else the token itself in $LVP_TOKEN)
     #[argh(option)]
     pub token_file: Option<String>,
 

@@ -165,6 +165,10 @@ fn watch_signals(stop: Arc<AtomicBool>) -> Result<(), String> {
 /// then cancels those and waits for their rollback.
 fn drain(ctx: &Ctx, grace: Duration) {
     ctx.shutting_down.store(true, Ordering::SeqCst);
+    log::info!(
+        "draining: no new jobs; running jobs get up to {}s (--shutdown-grace) to finish",
+        grace.as_secs()
+    );
     for (id, status) in ctx.table.active() {
         if status == Status::Pending {
             let _ = ctx.table.cancel_with(id, "the daemon shut down before the job started");
@@ -177,9 +181,13 @@ fn drain(ctx: &Ctx, grace: Duration) {
     }
     let left = running();
     if !left.is_empty() {
-        log::warn!("{} jobs still running after the grace period: cancelling them", left.len());
+        log::warn!(
+            "{} jobs still running after the {}s grace period: cancelling and rolling them back",
+            left.len(),
+            grace.as_secs()
+        );
         for id in &left {
-            let _ = ctx.table.cancel(*id);
+            ctx.table.cancel_for_shutdown(*id);
         }
         let deadline = Instant::now() + ROLLBACK_GRACE;
         while !running().is_empty() && Instant::now() < deadline {

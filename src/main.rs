@@ -25,17 +25,54 @@ mod tokens;
 mod volume;
 mod write;
 
+use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
+use argh::FromArgs;
+
 use cli::{Cli, Command, TokenCommand};
 
-/// Exit statuses, listed in the man page under EXIT STATUS.
+/// Exit statuses, listed in the man page under EXIT STATUS. A command line
+/// that cannot be parsed is a usage error, like bad configuration, so it
+/// shares status 2 (rather than argh's 1, which `check` and `client` use
+/// for "a problem was found" and "the job failed").
 const EXIT_CONFIG: u8 = 2;
 const EXIT_RUNTIME: u8 = 3;
 
+/// Parses the command line; on `--help` prints it and exits 0, on an error
+/// prints what argh found (with a hint where a common slip caused it) and
+/// exits 2.
+fn parse_args() -> Result<Cli, ExitCode> {
+    let args: Vec<String> = std::env::args().collect();
+    let strs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (program, rest) =
+        strs.split_first().map_or(("libvirt-volume-provisioner", &[][..]), |(p, r)| (*p, r));
+    let program = Path::new(program).file_name().and_then(|n| n.to_str()).unwrap_or(program);
+    match Cli::from_args(&[program], rest) {
+        Ok(cli) => Ok(cli),
+        Err(early) if early.status.is_ok() => {
+            // `--help | head` closes the pipe early; that is no failure.
+            let _ = writeln!(std::io::stdout(), "{}", early.output);
+            Err(ExitCode::SUCCESS)
+        }
+        Err(early) => {
+            eprintln!("{}", early.output.trim_end());
+            if rest.first() == Some(&"check") && !rest.contains(&"--") {
+                eprintln!(
+                    "hint: put `--` before the serve flags: {program} check -- --backend dir ..."
+                );
+            }
+            Err(ExitCode::from(EXIT_CONFIG))
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let cli: Cli = argh::from_env();
+    let cli = match parse_args() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     match cli.command {
         Command::Serve(serve) => {
             let level = match config::log_level(&serve.log_level) {

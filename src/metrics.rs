@@ -11,8 +11,14 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+/// Upper bounds of the stage duration buckets, in seconds: 50 ms to about
+/// 8 hours, written out so that the `le` labels read as typed (a computed
+/// series prints float noise such as `0.15000000000000003`).
+const STAGE_BUCKETS: [f64; 12] =
+    [0.05, 0.15, 0.5, 1.5, 5.0, 15.0, 50.0, 150.0, 500.0, 1500.0, 5000.0, 30000.0];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -78,9 +84,8 @@ impl Default for Metrics {
             "Image bytes written into volumes",
             bytes_written.clone(),
         );
-        // 50 ms to about 7 hours.
         let stage_seconds = Family::<StageLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.05, 3.0, 12))
+            Histogram::new(STAGE_BUCKETS.iter().copied())
         });
         registry.register(
             "stage_duration_seconds",
@@ -129,5 +134,43 @@ impl Metrics {
     pub fn stage_done(&self, stage: crate::jobs::Stage, seconds: f64) {
         let labels = StageLabels { stage: stage.as_str().to_string() };
         self.stage_seconds.get_or_create(&labels).observe(seconds);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Once, the bucket bounds were computed and printed as
+    /// `le="0.15000000000000003"`.
+    #[test]
+    fn stage_buckets_print_as_written() {
+        let m = Metrics::default();
+        m.stage_done(crate::jobs::Stage::Converting, 0.2);
+        let text = m.encode();
+        assert!(text.contains("le=\"0.15\""), "{text}");
+        assert!(text.contains("le=\"30000.0\""), "{text}");
+        for line in text.lines().filter(|l| l.contains("le=\"")) {
+            let le = line.split("le=\"").nth(1).unwrap().split('"').next().unwrap();
+            assert!(le == "+Inf" || le.len() <= 7, "noisy bucket bound {le:?} in {line}");
+        }
+    }
+
+    /// The encoder writes OpenMetrics: a counter family's TYPE line names it
+    /// without `_total`, its samples carry the suffix, and the text ends
+    /// with `# EOF`. The content type /metrics sends relies on that.
+    #[test]
+    fn counters_are_encoded_as_openmetrics() {
+        let m = Metrics::default();
+        m.request("status", "GET", 200);
+        let text = m.encode();
+        assert!(text.contains("# TYPE lvp_http_requests counter\n"), "{text}");
+        assert!(
+            text.contains(
+                "lvp_http_requests_total{endpoint=\"status\",method=\"GET\",code=\"200\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

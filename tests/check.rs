@@ -215,3 +215,18 @@ fn check_refuses_an_expired_or_not_yet_valid_certificate() {
         assert!(errors[0].contains(&format!("certificate \"CN={name}\" {words}")), "{lines:#?}");
     }
 }
+
+/// Serve flags given without `--` used to fail with argh's bare
+/// "Unrecognized argument" and status 1, the status of a failed check.
+#[test]
+fn serve_flags_without_the_separator_are_a_usage_error_with_a_hint() {
+    let out = Command::new(BIN)
+        .args(["check", "--backend", "dir"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {BIN} check: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("Unrecognized argument: --backend"), "{stderr}");
+    assert!(stderr.contains("check -- --backend"), "the hint shows the separator: {stderr}");
+}

@@ -429,6 +429,13 @@ fn bad_usage_exits_2_and_no_daemon_exits_3() {
         assert!(r.stderr.starts_with("libvirt-volume-provisioner: "), "{r:#?}");
         assert!(r.stderr.contains(words), "{args:?} should say {words:?}: {r:#?}");
     }
+    // Slips the argument parser catches are usage errors too, never the
+    // "job failed" status 1 a script would take for a real failure.
+    for args in [&["--bogus", "jobs"][..], &["provision", "--volume-name", "v"], &["cancel"]] {
+        let r = client(&strings(args));
+        assert_eq!(r.code, 2, "{args:?}: {r:#?}");
+        assert!(!r.stderr.is_empty(), "{args:?} says what is wrong: {r:#?}");
+    }
     // A PEM file with no key in it.
     let r = client(&strings(&[
         "--url",

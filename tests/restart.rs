@@ -189,6 +189,7 @@ fn sigterm_without_grace_cancels_running_and_pending_jobs_and_rolls_back() {
     assert_eq!(status["status"], "cancelled", "{status:#}");
     let error = status["error"].as_str().unwrap_or_default();
     assert!(error.starts_with("converting:") && error.contains("removed"), "{error}");
+    assert!(error.contains("shut down"), "the error blames the shutdown, not a caller: {error}");
     let status = h.api.status(&pending).body;
     assert_eq!(status["status"], "cancelled", "{status:#}");
     assert_eq!(status["started_at"], Value::Null, "a pending job never starts: {status:#}");

@@ -43,5 +43,7 @@ pub fn metrics(ctx: &Ctx) -> Reply {
     let entries = ctx.pipeline.cache.entries();
     m.cache_entries.set(entries.len() as i64);
     m.cache_bytes.set(entries.iter().map(|e| e.size).sum());
-    Reply::text(200, "text/plain; version=0.0.4; charset=utf-8", m.encode())
+    // prometheus-client writes OpenMetrics text (a counter's TYPE line names
+    // the family, its samples end in `_total`), so say that it is.
+    Reply::text(200, "application/openmetrics-text; version=1.0.0; charset=utf-8", m.encode())
 }

@@ -12,11 +12,31 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::{Job, JobId};
 
 const FILE_NAME: &str = "jobs.journal";
+
+/// The journal holds image URLs whole, and a presigned URL's query string is
+/// a credential, so only the daemon's user may read it.
+const FILE_MODE: u32 = 0o600;
+
+fn open_private(path: &Path, new: bool) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.mode(FILE_MODE);
+    if new {
+        options.write(true).create(true).truncate(true);
+    } else {
+        options.create(true).append(true);
+    }
+    let file = options.open(path)?;
+    // `mode` applies only when the file is created: tighten one left by an
+    // older version too.
+    file.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
+    Ok(file)
+}
 
 /// Rewrite the file once it holds this many lines more than live jobs.
 const COMPACT_SLACK: usize = 4096;
@@ -57,7 +77,7 @@ impl Journal {
             Err(e) if e.kind() == io::ErrorKind::NotFound => (Vec::new(), 0),
             Err(e) => return Err(e),
         };
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let file = open_private(&path, false)?;
         Ok((Journal { path, file, lines }, jobs))
     }
 
@@ -79,7 +99,7 @@ impl Journal {
     /// Replaces the file with one record per job in `jobs`.
     pub fn rewrite<'a>(&mut self, jobs: impl Iterator<Item = &'a Job>) -> io::Result<()> {
         let temp = self.path.with_extension("journal.new");
-        let mut out = io::BufWriter::new(File::create(&temp)?);
+        let mut out = io::BufWriter::new(open_private(&temp, true)?);
         let mut lines = 0;
         for job in jobs {
             serde_json::to_writer(&mut out, &RecordRef::Job(job)).map_err(io::Error::other)?;
@@ -92,7 +112,7 @@ impl Journal {
         if let Some(dir) = self.path.parent() {
             File::open(dir)?.sync_all()?;
         }
-        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.file = open_private(&self.path, false)?;
         self.lines = lines;
         Ok(())
     }
@@ -218,6 +238,22 @@ mod tests {
         j.append(&Record::Job(Box::new(job("b")))).unwrap();
         let (_, jobs) = Journal::open(&d).unwrap();
         assert_eq!(jobs.len(), 2);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// The journal once was world-readable, and with it the signature in
+    /// every presigned image URL.
+    #[test]
+    fn journal_is_readable_by_its_owner_only() {
+        let d = dir("mode");
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join(FILE_NAME), b"").unwrap();
+        fs::set_permissions(d.join(FILE_NAME), fs::Permissions::from_mode(0o644)).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let (mut j, _) = Journal::open(&d).unwrap();
+        assert_eq!(mode(&d.join(FILE_NAME)), 0o600, "an existing journal is tightened");
+        j.rewrite([&job("a")].into_iter()).unwrap();
+        assert_eq!(mode(&d.join(FILE_NAME)), 0o600, "a rewritten journal stays private");
         fs::remove_dir_all(&d).unwrap();
     }
 }

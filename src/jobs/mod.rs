@@ -154,6 +154,10 @@ pub struct Job {
     /// running jobs to stop).
     #[serde(skip)]
     pub cancel: Arc<AtomicBool>,
+    /// Why a running job was told to stop, when it was not a caller's
+    /// cancel (a shutdown whose grace period ran out).
+    #[serde(skip)]
+    pub cancel_reason: Option<String>,
 }
 
 /// A job as `GET /api/v1/status/{id}` shows it.
@@ -203,6 +207,7 @@ impl Job {
             finished_at: None,
             idempotency: None,
             cancel: Arc::new(AtomicBool::new(false)),
+            cancel_reason: None,
         }
     }
 

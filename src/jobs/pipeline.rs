@@ -125,7 +125,11 @@ impl Pipeline {
             Err(stop) => {
                 let rollback = self.roll_back(&ctx, undo);
                 let status = if stop.cancelled { Status::Cancelled } else { Status::Failed };
-                let error = format!("{}: {}{rollback}", stop.stage, stop.message);
+                let message = match self.table.cancel_reason(id) {
+                    Some(why) if stop.cancelled => why,
+                    _ => stop.message,
+                };
+                let error = format!("{}: {message}{rollback}", stop.stage);
                 if stop.cancelled {
                     log::info!("{ctx} stage={}: cancelled after {secs:.1}s{rollback}", stop.stage);
                 } else {

@@ -302,6 +302,30 @@ impl JobTable {
 
     /// Cancels job `id`; a pending job records `reason` as its error.
     pub fn cancel_with(&self, id: JobId, reason: &str) -> Result<Cancelled, ApiError> {
+        self.cancel_because(id, reason, None)
+    }
+
+    /// Stops a running job because the daemon is shutting down; its error
+    /// will say so instead of blaming a caller.
+    pub fn cancel_for_shutdown(&self, id: JobId) {
+        let _ = self.cancel_because(
+            id,
+            "the daemon shut down before the job started",
+            Some("cancelled: the daemon shut down and --shutdown-grace ran out"),
+        );
+    }
+
+    /// Why a running job was stopped, if not by a caller's cancel.
+    pub fn cancel_reason(&self, id: JobId) -> Option<String> {
+        self.inner.lock().unwrap().jobs.get(&id).and_then(|j| j.cancel_reason.clone())
+    }
+
+    fn cancel_because(
+        &self,
+        id: JobId,
+        reason: &str,
+        running_reason: Option<&str>,
+    ) -> Result<Cancelled, ApiError> {
         let mut outcome = None;
         let record = self.change(id, |job| match job.status {
             Status::Pending => {
@@ -312,6 +336,9 @@ impl JobTable {
                 outcome = Some(Ok(Cancelled::WhilePending));
             }
             Status::Running => {
+                if let Some(why) = running_reason {
+                    job.cancel_reason = Some(why.to_string());
+                }
                 job.cancel.store(true, Ordering::SeqCst);
                 outcome = Some(Ok(Cancelled::Requested));
             }

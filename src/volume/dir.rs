@@ -7,6 +7,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::{size_is_reusable, Volume, VolumeBackend, VolumeError};
@@ -76,9 +77,12 @@ impl VolumeBackend for DirBackend {
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 before_create().map_err(|why| VolumeError::refused(&shown, "create", why))?;
+                // A disk holds a guest's secrets: owner only, as libvirt's
+                // own dir pool makes its volumes.
                 let file = OpenOptions::new()
                     .write(true)
                     .create_new(true)
+                    .mode(0o600)
                     .open(&path)
                     .map_err(|e| VolumeError::backend(&shown, "create", e))?;
                 let made = file
@@ -161,6 +165,9 @@ mod tests {
         let v = b.prepare("vm-1", 1 << 20, "j", &mut || Ok(())).unwrap();
         assert!(v.created && v.reads_as_zero);
         assert_eq!(fs::metadata(&v.path).unwrap().len(), 1 << 20);
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&fs::metadata(&v.path).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600, "a new volume is readable by its owner only");
 
         let again = b.prepare("vm-1", 1 << 20, "j", &mut || Ok(())).unwrap();
         assert!(!again.created && !again.reads_as_zero);
