@@ -239,6 +239,10 @@ pub struct Get {
     pub if_range: Option<String>,
     /// The status the server answered with.
     pub status: u16,
+    /// The `Authorization` header, as sent (an S3 signature, say).
+    pub authorization: Option<String>,
+    /// Whether the request target had a query string.
+    pub query: bool,
 }
 
 #[derive(Default)]
@@ -466,6 +470,8 @@ fn serve_connection(mut stream: TcpStream, root: &Path, state: &ServerState) {
             _ => 200,
         };
         gets.push(Get {
+            authorization: header("authorization"),
+            query: target.contains('?'),
             path: path.clone(),
             range: range.clone(),
             if_range: if_range.clone(),
