@@ -39,7 +39,9 @@ impl Bucket {
             .is_ok_and(|s| s.success());
         if !ok {
             assert!(std::env::var_os("CI").is_none(), "{test}: moto[server] is not installed");
-            eprintln!("skipping {test}: moto[server] is not installed (pip install 'moto[server]')");
+            eprintln!(
+                "skipping {test}: moto[server] is not installed (pip install 'moto[server]')"
+            );
             return None;
         }
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/s3_server.py");
@@ -62,12 +64,7 @@ impl Bucket {
             .expect("s3_server.py printed its keys");
         let v: Value = serde_json::from_str(&line).unwrap();
         let s = |k: &str| v[k].as_str().unwrap().to_string();
-        Some(Bucket {
-            child,
-            port,
-            access_key: s("access_key"),
-            secret: s("secret"),
-        })
+        Some(Bucket { child, port, access_key: s("access_key"), secret: s("secret") })
     }
 
     fn endpoint(&self) -> String {

@@ -44,9 +44,7 @@ fn assert_failed_with(status: &Value, words: &[&str]) -> String {
 
 #[test]
 fn allow_list_refuses_other_sources_at_submission_and_on_redirect() {
-    let h = start("policy-allow", &|images| {
-        vec!["--allow-source".into(), images.url("ok-")]
-    });
+    let h = start("policy-allow", &|images| vec!["--allow-source".into(), images.url("ok-")]);
     fs::write(h.image_dir().join("ok-image.raw"), pseudo_random(MIB as usize, 3)).unwrap();
     fs::write(h.image_dir().join("other.raw"), pseudo_random(MIB as usize, 4)).unwrap();
 

@@ -644,12 +644,7 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with `env` set in the daemon's environment
     /// (proxy variables, AWS credentials).
-    pub fn start_env(
-        dir: &TestDir,
-        pki: &Pki,
-        extra: &[&str],
-        env: &[(&str, &str)],
-    ) -> Daemon {
+    pub fn start_env(dir: &TestDir, pki: &Pki, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         Daemon::start_with_env(dir, extra, &|port| Daemon::args(dir, pki, &Auth::mtls(), port), env)
     }
 
@@ -1569,7 +1564,8 @@ impl Relay {
                 let Ok(client) = client else { continue };
                 let Ok(upstream) = TcpStream::connect(target) else { continue };
                 let recorded = Arc::clone(&recorded);
-                let (mut c_read, mut u_write) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                let (mut c_read, mut u_write) =
+                    (client.try_clone().unwrap(), upstream.try_clone().unwrap());
                 thread::spawn(move || {
                     use std::io::Write;
                     let mut buf = [0u8; 16 * 1024];
