@@ -60,7 +60,8 @@ pub enum FetchError {
     /// The job was cancelled during the download.
     Cancelled,
     /// The source policy refused the URL, a redirect hop or an address.
-    Refused { source: PolicyError },
+    /// `via` is the URL that redirected to the refused one.
+    Refused { source: PolicyError, via: Option<String> },
     /// The TLS handshake failed: an unknown CA (see `--source-ca`), a
     /// name mismatch, an expired certificate.
     Tls { url: String, host: String, reason: String },
@@ -80,7 +81,10 @@ impl fmt::Display for FetchError {
             FetchError::Broken { url, reason } => write!(f, "GET {url}: {reason}"),
             FetchError::Sidecar { url, reason } => write!(f, "digest file {url}: {reason}"),
             FetchError::Cancelled => write!(f, "download cancelled"),
-            FetchError::Refused { source } => write!(f, "source policy: {source}"),
+            FetchError::Refused { source, via: None } => write!(f, "source policy: {source}"),
+            FetchError::Refused { source, via: Some(via) } => {
+                write!(f, "source policy: {source} (redirected there by {via})")
+            }
             FetchError::Tls { url, host, reason } => {
                 write!(f, "GET {url}: TLS with {host} failed: {reason}")?;
                 if reason.contains("UnknownIssuer") {
@@ -195,9 +199,11 @@ impl Fetcher {
     /// is requested; the resolver checks its addresses before connecting.
     fn get(&self, url: &str, extra: &[(&'static str, String)]) -> Result<Answer, FetchError> {
         let mut current = url.to_string();
+        let mut via: Option<String> = None;
         for hop in 0..=MAX_REDIRECTS {
             let shown = redact(&current);
-            self.policy.check_url(&current).map_err(|source| FetchError::Refused { source })?;
+            let refused = |source| FetchError::Refused { source, via: via.clone() };
+            self.policy.check_url(&current).map_err(refused)?;
             let uri: Uri = current.parse().map_err(|_| FetchError::Redirect {
                 url: shown.clone(),
                 reason: "not a valid URL".into(),
@@ -207,9 +213,7 @@ impl Fetcher {
             if proxy.is_some() {
                 // The proxy connects, not we: check what the name means here.
                 let port = uri.port_u16().unwrap_or(default_port(&uri));
-                self.policy
-                    .check_name(&host, port)
-                    .map_err(|source| FetchError::Refused { source })?;
+                self.policy.check_name(&host, port).map_err(refused)?;
             }
             let mut request = self.agent.get(&current);
             for (name, value) in extra {
@@ -221,12 +225,13 @@ impl Fetcher {
                     request = request.header(name, value);
                 }
             }
-            let resp = request
-                .config()
-                .proxy(proxy)
-                .build()
-                .call()
-                .map_err(|source| classify(&shown, &host, source))?;
+            let resp =
+                request.config().proxy(proxy).build().call().map_err(|source| {
+                    match classify(&shown, &host, source) {
+                        FetchError::Refused { source, .. } => refused(source),
+                        other => other,
+                    }
+                })?;
             let code = resp.status().as_u16();
             if !matches!(code, 301 | 302 | 303 | 307 | 308) {
                 return Ok(Answer { resp, shown, signed: signer.is_some() });
@@ -248,6 +253,7 @@ impl Fetcher {
                 )));
             }
             log::info!("{shown}: HTTP {code}, redirected to {}", redact(&next));
+            via = Some(shown);
             current = next;
         }
         unreachable!("the loop returns by its last hop")
@@ -516,7 +522,7 @@ fn is_transient(e: &ureq::Error) -> bool {
 /// a TLS failure naming the host and rustls's reason, or plain transport.
 fn classify(shown: &str, host: &str, source: ureq::Error) -> FetchError {
     if let Some(refusal) = crate::policy::refusal(&source) {
-        return FetchError::Refused { source: refusal.clone() };
+        return FetchError::Refused { source: refusal.clone(), via: None };
     }
     let tls = match &source {
         ureq::Error::Rustls(e) => Some(e.to_string()),

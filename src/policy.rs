@@ -105,11 +105,14 @@ impl fmt::Display for PolicyError {
                 f,
                 "{url} has '.' or '..' path segments, which could leave an allowed prefix"
             ),
-            PolicyError::DeniedAddress { host, addr, net } => write!(
-                f,
-                "{host} resolves to {addr}, in the denied network {net}; refusing to connect \
-                 (--allow-network {addr} allows it)"
-            ),
+            PolicyError::DeniedAddress { host, addr, net } => {
+                if host.trim_matches(['[', ']']) == addr.to_string() {
+                    write!(f, "{addr} is in the denied network {net}")?;
+                } else {
+                    write!(f, "{host} resolves to {addr}, in the denied network {net}")?;
+                }
+                write!(f, "; refusing to connect (--allow-network {addr} allows it)")
+            }
         }
     }
 }
@@ -333,6 +336,8 @@ mod tests {
             "h resolves to 127.0.0.2, in the denied network 127.0.0.2/32; refusing to connect \
              (--allow-network 127.0.0.2 allows it)"
         );
+        let e = p.check_addr("127.0.0.2", "127.0.0.2".parse().unwrap()).unwrap_err();
+        assert!(e.to_string().starts_with("127.0.0.2 is in the denied network 127.0.0.2/32;"));
         assert!(p.check_addr("h", "169.254.10.5".parse().unwrap()).is_ok());
         assert!(p.check_addr("h", "169.254.11.5".parse().unwrap()).is_err());
     }

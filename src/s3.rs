@@ -47,6 +47,16 @@ impl Credentials {
     pub fn from_file(path: &Path) -> Result<Credentials, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if let Ok(meta) = std::fs::metadata(path) {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.permissions().mode() & 0o077 != 0 {
+                log::warn!(
+                    "--s3-credentials {}: readable by other users (mode {:o}); chmod 600 it",
+                    path.display(),
+                    meta.permissions().mode() & 0o777
+                );
+            }
+        }
         Credentials::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 

@@ -112,6 +112,7 @@ fn signed_downloads_from_a_private_bucket() {
         ),
     )
     .unwrap();
+    fs::set_permissions(&creds, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let creds_arg = creds.display().to_string();
     let endpoint = bucket.endpoint();
     let daemon = Daemon::start(
@@ -127,6 +128,7 @@ fn signed_downloads_from_a_private_bucket() {
     assert_eq!(status["image_sha256"], digest.as_str(), "the digest came from the signed sidecar");
     assert_volume_holds(&daemon.volume("vm-signed"), &image, GIB);
     assert!(!daemon.log_text().contains(&bucket.secret), "the secret reached the log");
+    assert!(!daemon.log_text().contains("readable by other users"), "mode 0600 is private");
 
     drop(daemon);
 

@@ -78,7 +78,10 @@ fn allow_list_refuses_other_sources_at_submission_and_on_redirect() {
     let h = start("policy-allow-redirect", &|_| vec!["--allow-source".into(), redirector.url("")]);
     let id = h.api.submit(&raw_job(&redirector.url("ok.raw"), "vm-redirected"));
     let status = h.api.wait_final(&id, JOB_TIMEOUT);
-    assert_failed_with(&status, &["downloading", "outside the allowed sources", "other.raw"]);
+    assert_failed_with(
+        &status,
+        &["downloading", "outside the allowed sources", "other.raw", "redirected there by"],
+    );
     assert!(redirector.connections() >= 1, "the first hop was requested");
     assert_eq!(target.requests(), 0, "the redirect target was never contacted");
 }
@@ -110,7 +113,10 @@ fn denied_network_is_never_connected_to_even_through_a_redirect() {
     let redirector = Listener::redirect_to(&forbidden.url("x.raw"));
     let id = h.api.submit(&raw_job(&redirector.url("start.raw"), "vm-redirect"));
     let status = h.api.wait_final(&id, JOB_TIMEOUT);
-    assert_failed_with(&status, &["downloading", "127.0.0.2", "denied network"]);
+    assert_failed_with(
+        &status,
+        &["downloading", "127.0.0.2", "denied network", "redirected there by", "start.raw"],
+    );
     assert!(redirector.connections() >= 1, "the allowed first hop was requested");
     assert_eq!(forbidden.connections(), 0, "the redirect reached 127.0.0.2");
 
