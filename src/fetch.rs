@@ -210,7 +210,8 @@ impl Fetcher {
             })?;
             let host = uri.host().unwrap_or_default().to_string();
             let proxy = self.proxies.for_url(&uri).cloned();
-            if proxy.is_some() {
+            if let Some(p) = &proxy {
+                log::debug!("{shown}: through the proxy {}:{}", p.host(), p.port());
                 // The proxy connects, not we: check what the name means here.
                 let port = uri.port_u16().unwrap_or(default_port(&uri));
                 self.policy.check_name(&host, port).map_err(refused)?;
@@ -246,6 +247,9 @@ impl Fetcher {
                 return Err(redirect(format!("more than {MAX_REDIRECTS} redirects")));
             }
             let next = join_url(&current, location.trim());
+            if !next.starts_with("http://") && !next.starts_with("https://") {
+                return Err(redirect(format!("refusing a redirect to {}", redact(&next))));
+            }
             if current.starts_with("https:") && !next.starts_with("https:") {
                 return Err(redirect(format!(
                     "refusing a redirect from https to {}",

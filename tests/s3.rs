@@ -45,26 +45,35 @@ impl Bucket {
             return None;
         }
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/s3_server.py");
-        let port = free_port();
-        let mut child = Command::new("python3")
-            .arg(script)
-            .arg(port.to_string())
-            .arg("images")
-            .args(files)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto");
-        let stdout = child.stdout.take().unwrap();
-        let line = BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .find(|l| l.starts_with('{'))
-            .expect("s3_server.py printed its keys");
-        let v: Value = serde_json::from_str(&line).unwrap();
-        let s = |k: &str| v[k].as_str().unwrap().to_string();
-        Some(Bucket { child, port, access_key: s("access_key"), secret: s("secret") })
+        // The port is free when we look; another process may take it before
+        // moto binds it, so try a few.
+        for _ in 0..3 {
+            let port = free_port();
+            let mut child = Command::new("python3")
+                .arg(&script)
+                .arg(port.to_string())
+                .arg("images")
+                .args(files)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start moto");
+            let stdout = child.stdout.take().unwrap();
+            let line =
+                BufReader::new(stdout).lines().map_while(Result::ok).find(|l| l.starts_with('{'));
+            let Some(line) = line else {
+                let _ = child.kill();
+                let _ = child.wait();
+                continue;
+            };
+            let v: Value = serde_json::from_str(&line).unwrap();
+            let s = |k: &str| v[k].as_str().unwrap().to_string();
+            return Some(Bucket { child, port, access_key: s("access_key"), secret: s("secret") });
+        }
+        panic!(
+            "{test}: tests/fixtures/s3_server.py did not start moto (run it by hand to see why)"
+        );
     }
 
     fn endpoint(&self) -> String {
