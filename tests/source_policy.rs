@@ -144,3 +144,38 @@ fn bad_policy_flags_stop_the_daemon_at_start() {
         assert!(log.contains(word), "{word} should be reported: {log}");
     }
 }
+
+/// A host name is checked on what it resolves to: `localhost` is refused
+/// when loopback is denied, and the listener behind it sees nothing.
+#[test]
+fn host_names_are_checked_after_resolution() {
+    let h = start("policy-names", &|_| {
+        ["--deny-network", "127.0.0.0/8", "--deny-network", "::1/128"].map(String::from).to_vec()
+    });
+    let listener = Listener::start("127.0.0.1", None);
+    let url = format!("http://localhost:{}/x.raw", listener.addr.port());
+    let id = h.api.submit(&raw_job(&url, "vm-localhost"));
+    let status = h.api.wait_final(&id, JOB_TIMEOUT);
+    assert_failed_with(&status, &["downloading", "localhost resolves to", "denied network"]);
+    assert_eq!(listener.connections(), 0, "something connected to localhost");
+}
+
+/// The default denied networks (link-local, where cloud metadata answers)
+/// hold through a proxy too: the daemon refuses before it asks the proxy
+/// to connect. The "proxy" here is a loopback listener that never
+/// forwards, so even a broken check sends nothing beyond 127.0.0.0/8.
+#[test]
+fn metadata_addresses_are_refused_by_default_even_through_a_proxy() {
+    let proxy = Listener::start("127.0.0.1", None);
+    let proxy_url = format!("http://{}", proxy.addr);
+    let h = start("policy-metadata", &|_| vec!["--proxy".into(), proxy_url.clone()]);
+    for (url, volume, net) in [
+        ("http://169.254.169.254/latest/disk.raw", "vm-metadata", "169.254.0.0/16"),
+        ("http://[fe80::a9fe:a9fe]/disk.raw", "vm-link-local6", "fe80::/10"),
+    ] {
+        let id = h.api.submit(&raw_job(url, volume));
+        let status = h.api.wait_final(&id, JOB_TIMEOUT);
+        assert_failed_with(&status, &["downloading", &format!("denied network {net}")]);
+    }
+    assert_eq!(proxy.connections(), 0, "the proxy was asked to reach a link-local address");
+}
