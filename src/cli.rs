@@ -152,6 +152,50 @@ pub struct Serve {
     /// is created or removed
     #[argh(option)]
     pub libvirt_pool: Option<String>,
+
+    /// URL prefix image_url must start with (repeatable); outside every
+    /// prefix a submission gets 400 (default: any http or https URL)
+    #[argh(option)]
+    pub allow_source: Vec<String>,
+
+    /// network (CIDR) downloads may not connect to, after name resolution
+    /// (repeatable; 169.254.0.0/16 and fe80::/10 are always denied)
+    #[argh(option)]
+    pub deny_network: Vec<String>,
+
+    /// network (CIDR) downloads may reach even inside a denied network
+    /// (repeatable)
+    #[argh(option)]
+    pub allow_network: Vec<String>,
+
+    /// PEM bundle of CAs trusted for https image sources, beside the
+    /// system's roots (a private MinIO's CA)
+    #[argh(option)]
+    pub source_ca: Option<String>,
+
+    /// forward proxy for image downloads (http://host:port), or "none";
+    /// overrides HTTPS_PROXY and HTTP_PROXY
+    #[argh(option)]
+    pub proxy: Option<String>,
+
+    /// comma-separated hosts, domains or networks downloaded without the
+    /// proxy; overrides NO_PROXY
+    #[argh(option)]
+    pub no_proxy: Option<String>,
+
+    /// origin of an S3-compatible endpoint whose image URLs are signed with
+    /// AWS Signature V4 (repeatable), e.g. https://minio.example.com:9000
+    #[argh(option)]
+    pub s3_endpoint: Vec<String>,
+
+    /// region in the S3 signatures (default us-east-1)
+    #[argh(option, default = "String::from(\"us-east-1\")")]
+    pub s3_region: String,
+
+    /// file with the S3 access key and secret (AWS credentials-file form);
+    /// default: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY
+    #[argh(option)]
+    pub s3_credentials: Option<String>,
 }
 
 /// Check a configuration and this host without starting the daemon.
@@ -451,6 +495,45 @@ mod tests {
         assert_eq!((s.workers, s.queue, s.max_connections), (3, 4, 5));
         assert_eq!((s.handshake_timeout, s.idle_timeout, s.download_timeout), (6, 7, 8));
         assert_eq!(s.log_level, "debug");
+    }
+
+    #[test]
+    fn test_source_flags_parse_and_repeat() {
+        let s = serve(&[
+            "--allow-source",
+            "https://a/",
+            "--allow-source",
+            "https://b/",
+            "--deny-network",
+            "127.0.0.2/32",
+            "--allow-network",
+            "169.254.1.0/24",
+            "--source-ca",
+            "ca.pem",
+            "--proxy",
+            "http://127.0.0.1:3128",
+            "--no-proxy",
+            "localhost",
+            "--s3-endpoint",
+            "https://minio:9000",
+            "--s3-region",
+            "eu-west-1",
+            "--s3-credentials",
+            "creds",
+        ]);
+        assert_eq!(s.allow_source, ["https://a/", "https://b/"]);
+        assert_eq!((s.deny_network.len(), s.allow_network.len()), (1, 1));
+        assert_eq!(s.source_ca.as_deref(), Some("ca.pem"));
+        assert_eq!(s.proxy.as_deref(), Some("http://127.0.0.1:3128"));
+        assert_eq!(s.no_proxy.as_deref(), Some("localhost"));
+        assert_eq!(s.s3_endpoint, ["https://minio:9000"]);
+        assert_eq!(
+            (s.s3_region.as_str(), s.s3_credentials.as_deref()),
+            ("eu-west-1", Some("creds"))
+        );
+        let d = serve(&[]);
+        assert!(d.allow_source.is_empty() && d.s3_endpoint.is_empty());
+        assert_eq!(d.s3_region, "us-east-1");
     }
 
     #[test]

@@ -51,6 +51,98 @@ pub struct Config {
     pub cache_max_bytes: Option<u64>,
     pub verify_cache: bool,
     pub auth_summary: String,
+    /// Where downloads may go and whom they trust (policy, roots, proxies,
+    /// S3 signing); `stall` and `retry` are filled from the fields above.
+    pub sources: SourceSettings,
+}
+
+/// The checked `--allow-source` … `--s3-credentials` flags.
+pub struct SourceSettings {
+    pub policy: Arc<crate::policy::SourcePolicy>,
+    pub roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    pub proxies: crate::fetch::Proxies,
+    pub signer: Option<crate::s3::S3Signer>,
+}
+
+impl SourceSettings {
+    /// One line for the start-up log: no credentials, no secrets.
+    pub fn summary(&self) -> String {
+        let denied: Vec<String> = self.policy.denied().iter().map(|n| n.to_string()).collect();
+        let signed = match &self.signer {
+            Some(s) => format!("S3 signing for {}", s.endpoints().join(", ")),
+            None => "no S3 signing".into(),
+        };
+        format!(
+            "image sources: {}; denied networks {}; {}; {} trusted CA certificates; {signed}",
+            self.policy.allowed_summary(),
+            denied.join(", "),
+            self.proxies.summary(),
+            self.roots.len(),
+        )
+    }
+
+    fn from_cli(cli: &Serve, problems: &mut Vec<String>) -> Option<SourceSettings> {
+        let before = problems.len();
+        let policy = crate::policy::SourcePolicy::new(
+            &cli.allow_source,
+            &cli.deny_network,
+            &cli.allow_network,
+        )
+        .map_err(|p| problems.extend(p))
+        .ok();
+        let roots = crate::fetch::load_roots(cli.source_ca.as_deref().map(Path::new))
+            .map_err(|p| problems.push(p))
+            .ok();
+        let proxies =
+            crate::fetch::Proxies::configure(cli.proxy.as_deref(), cli.no_proxy.as_deref())
+                .map_err(|p| problems.push(p))
+                .ok();
+        if cli.s3_region.is_empty()
+            || !cli.s3_region.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            problems.push(format!(
+                "--s3-region {:?} is not a region name such as us-east-1",
+                cli.s3_region
+            ));
+        }
+        let creds = match &cli.s3_credentials {
+            Some(path) => crate::s3::Credentials::from_file(Path::new(path))
+                .map(Some)
+                .map_err(|e| problems.push(format!("--s3-credentials {e}")))
+                .ok()
+                .flatten(),
+            None => crate::s3::Credentials::from_env(),
+        };
+        let signer = match (cli.s3_endpoint.is_empty(), creds) {
+            (true, _) => {
+                if cli.s3_credentials.is_some() {
+                    problems.push(
+                        "--s3-credentials needs --s3-endpoint: which origins to sign for".into(),
+                    );
+                }
+                None
+            }
+            (false, None) => {
+                if cli.s3_credentials.is_none() {
+                    problems.push(
+                        "--s3-endpoint needs credentials: --s3-credentials FILE, or \
+                         AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment"
+                            .into(),
+                    );
+                }
+                None
+            }
+            (false, Some(creds)) => {
+                crate::s3::S3Signer::new(&cli.s3_endpoint, &cli.s3_region, creds)
+                    .map_err(|e| problems.push(e))
+                    .ok()
+            }
+        };
+        if problems.len() > before {
+            return None;
+        }
+        Some(SourceSettings { policy: Arc::new(policy?), roots: roots?, proxies: proxies?, signer })
+    }
 }
 
 /// Parses `--log-level` on its own, so logging can start before the rest
@@ -207,6 +299,8 @@ impl Config {
             }
         };
 
+        let sources = SourceSettings::from_cli(cli, &mut problems);
+
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -247,6 +341,7 @@ impl Config {
             cache_max_bytes: cli.cache_max_gb.map(|gb| gb << 30),
             verify_cache: cli.verify_cache,
             auth_summary,
+            sources: sources.expect("checked above"),
         })
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::cache::Cache;
 use crate::config::Config;
-use crate::fetch::Fetcher;
+use crate::fetch::{FetchOptions, Fetcher};
 use crate::frontdoor::bridge::Limits;
 use crate::frontdoor::peers::PeerTable;
 use crate::frontdoor::FrontDoor;
@@ -50,12 +50,20 @@ pub fn run(config: Config) -> Result<(), String> {
     }
     log::info!("job journal replayed in {} ms", started.elapsed().as_millis());
 
+    log::info!("{}", config.sources.summary());
     let metrics = Arc::new(Metrics::default());
     let pipeline = Arc::new(Pipeline {
         table: Arc::clone(&table),
         cache,
         backend: config.backend,
-        fetcher: Fetcher::new(config.download_timeout, config.retry),
+        fetcher: Fetcher::new(FetchOptions {
+            stall: config.download_timeout,
+            retry: config.retry,
+            policy: Arc::clone(&config.sources.policy),
+            roots: config.sources.roots,
+            proxies: config.sources.proxies,
+            signer: config.sources.signer,
+        }),
         require_digest: config.require_digest,
         metrics: Arc::clone(&metrics),
         libvirt: crate::libvirt::PoolRefresher::new(config.libvirt_pool.clone()),

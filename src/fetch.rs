@@ -5,14 +5,30 @@
 //! (no content decoding) and hashed on the way, so the file is never read
 //! back to be verified. The stall timeout bounds the wait for each read: a
 //! server that stops sending fails the download instead of hanging a worker.
+//!
+//! Every GET goes through [`Fetcher::get`], which follows redirects itself
+//! (ureq's own following is off) so that each hop is checked against the
+//! source policy, signed for S3 only when that hop's origin is a configured
+//! endpoint, and sent through the proxy that hop's scheme calls for. The
+//! agent's resolver ([`crate::policy::PolicyResolver`]) refuses denied
+//! networks after name resolution and before any connection. TLS trusts the
+//! system's roots plus the `--source-ca` bundle.
 
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
+use ureq::http::Uri;
+
+use crate::policy::{PolicyError, PolicyResolver, SourcePolicy};
+use crate::s3::S3Signer;
 
 /// Read size for downloads: large enough to keep syscalls and hashing
 /// efficient, small enough that cancel is noticed quickly.
@@ -20,6 +36,13 @@ const CHUNK: usize = 256 * 1024;
 
 /// Largest sidecar we read: a `sha256sum` listing of many files.
 const SIDECAR_LIMIT: u64 = 64 * 1024;
+
+/// Redirects followed for one GET: enough for a CDN or a bucket alias,
+/// few enough that a loop fails fast.
+const MAX_REDIRECTS: usize = 5;
+
+/// Largest S3 error body we read to find its `<Code>`.
+const ERROR_BODY_LIMIT: u64 = 16 * 1024;
 
 #[derive(Debug)]
 pub enum FetchError {
@@ -36,6 +59,17 @@ pub enum FetchError {
     Sidecar { url: String, reason: String },
     /// The job was cancelled during the download.
     Cancelled,
+    /// The source policy refused the URL, a redirect hop or an address.
+    /// `via` is the URL that redirected to the refused one.
+    Refused { source: PolicyError, via: Option<String> },
+    /// The TLS handshake failed: an unknown CA (see `--source-ca`), a
+    /// name mismatch, an expired certificate.
+    Tls { url: String, host: String, reason: String },
+    /// A signed request was refused by the bucket for its credentials:
+    /// wrong secret, unknown key, wrong region, or a skewed clock.
+    Credentials { url: String, code: u16, s3_code: Option<String> },
+    /// A redirect we will not follow: no Location, too many, https to http.
+    Redirect { url: String, reason: String },
 }
 
 impl fmt::Display for FetchError {
@@ -47,6 +81,27 @@ impl fmt::Display for FetchError {
             FetchError::Broken { url, reason } => write!(f, "GET {url}: {reason}"),
             FetchError::Sidecar { url, reason } => write!(f, "digest file {url}: {reason}"),
             FetchError::Cancelled => write!(f, "download cancelled"),
+            FetchError::Refused { source, via: None } => write!(f, "source policy: {source}"),
+            FetchError::Refused { source, via: Some(via) } => {
+                write!(f, "source policy: {source} (redirected there by {via})")
+            }
+            FetchError::Tls { url, host, reason } => {
+                write!(f, "GET {url}: TLS with {host} failed: {reason}")?;
+                if reason.contains("UnknownIssuer") {
+                    write!(f, " (is its CA in the system roots or --source-ca?)")?;
+                }
+                Ok(())
+            }
+            FetchError::Credentials { url, code, s3_code } => {
+                let why = s3_code.as_deref().map(|c| format!(" {c}")).unwrap_or_default();
+                write!(
+                    f,
+                    "GET {url}: the bucket refused the credentials (HTTP {code}{why}); \
+                     check the key and secret (--s3-credentials or AWS_ACCESS_KEY_ID and \
+                     AWS_SECRET_ACCESS_KEY), --s3-region and the host's clock"
+                )
+            }
+            FetchError::Redirect { url, reason } => write!(f, "GET {url}: {reason}"),
         }
     }
 }
@@ -68,37 +123,162 @@ pub struct Downloaded {
     pub bytes: u64,
 }
 
+/// Everything that decides where downloads go and whom they trust.
+pub struct FetchOptions {
+    /// The longest wait for any single read from the server.
+    pub stall: Duration,
+    pub retry: RetryPolicy,
+    pub policy: Arc<SourcePolicy>,
+    /// Trusted roots for https sources: the system's and `--source-ca`.
+    pub roots: Vec<CertificateDer<'static>>,
+    pub proxies: Proxies,
+    pub signer: Option<S3Signer>,
+}
+
 pub struct Fetcher {
     agent: ureq::Agent,
     retry: RetryPolicy,
+    policy: Arc<SourcePolicy>,
+    proxies: Proxies,
+    signer: Option<S3Signer>,
+}
+
+/// One answered GET, after redirects.
+struct Answer {
+    resp: ureq::http::Response<ureq::Body>,
+    /// The URL that answered, redacted for messages.
+    shown: String,
+    /// Whether the request that got this answer was signed.
+    signed: bool,
 }
 
 impl Fetcher {
-    /// `stall` is the longest wait for any single read from the server.
-    pub fn new(stall: Duration, retry: RetryPolicy) -> Fetcher {
-        let agent = ureq::Agent::config_builder()
+    pub fn new(opts: FetchOptions) -> Fetcher {
+        let roots: Vec<ureq::tls::Certificate<'static>> = opts
+            .roots
+            .iter()
+            .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+            .collect();
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(roots)))
+            .build();
+        let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(30)))
-            .timeout_per_read(Some(stall))
-            .max_redirects(5)
+            .timeout_per_read(Some(opts.stall))
+            // We follow redirects ourselves, checking each hop.
+            .max_redirects(0)
+            // Chosen per request by `Proxies::for_url`; ureq's own reading
+            // of the environment would use one proxy for both schemes.
+            .proxy(None)
+            .tls_config(tls)
             .user_agent(concat!("libvirt-volume-provisioner/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
-        Fetcher { agent, retry }
+            .build();
+        let resolver = PolicyResolver::new(Arc::clone(&opts.policy), opts.proxies.authorities());
+        let agent = ureq::Agent::with_parts(
+            config,
+            ureq::unversioned::transport::DefaultConnector::new(),
+            resolver,
+        );
+        Fetcher {
+            agent,
+            retry: opts.retry,
+            policy: opts.policy,
+            proxies: opts.proxies,
+            signer: opts.signer,
+        }
+    }
+
+    /// The source policy, for the API's check at submission.
+    pub fn policy(&self) -> &SourcePolicy {
+        &self.policy
+    }
+
+    /// GET `url` with `extra` headers, following up to [`MAX_REDIRECTS`]
+    /// redirects. Each hop is checked against the source policy before it
+    /// is requested; the resolver checks its addresses before connecting.
+    fn get(&self, url: &str, extra: &[(&'static str, String)]) -> Result<Answer, FetchError> {
+        let mut current = url.to_string();
+        let mut via: Option<String> = None;
+        for hop in 0..=MAX_REDIRECTS {
+            let shown = redact(&current);
+            let refused = |source| FetchError::Refused { source, via: via.clone() };
+            self.policy.check_url(&current).map_err(refused)?;
+            let uri: Uri = current.parse().map_err(|_| FetchError::Redirect {
+                url: shown.clone(),
+                reason: "not a valid URL".into(),
+            })?;
+            let host = uri.host().unwrap_or_default().to_string();
+            let proxy = self.proxies.for_url(&uri).cloned();
+            if let Some(p) = &proxy {
+                log::debug!("{shown}: through the proxy {}:{}", p.host(), p.port());
+                // The proxy connects, not we: check what the name means here.
+                let port = uri.port_u16().unwrap_or(default_port(&uri));
+                self.policy.check_name(&host, port).map_err(refused)?;
+            }
+            let mut request = self.agent.get(&current);
+            for (name, value) in extra {
+                request = request.header(*name, value);
+            }
+            let signer = self.signer.as_ref().filter(|s| s.applies(&current));
+            if let Some(s) = signer {
+                for (name, value) in s.sign_get(&current, SystemTime::now()) {
+                    request = request.header(name, value);
+                }
+            }
+            let resp =
+                request.config().proxy(proxy).build().call().map_err(|source| {
+                    match classify(&shown, &host, source) {
+                        FetchError::Refused { source, .. } => refused(source),
+                        other => other,
+                    }
+                })?;
+            let code = resp.status().as_u16();
+            if !matches!(code, 301 | 302 | 303 | 307 | 308) {
+                return Ok(Answer { resp, shown, signed: signer.is_some() });
+            }
+            let redirect = |reason: String| FetchError::Redirect { url: shown.clone(), reason };
+            let location = resp
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| redirect(format!("HTTP {code} redirect without a Location")))?;
+            if hop == MAX_REDIRECTS {
+                return Err(redirect(format!("more than {MAX_REDIRECTS} redirects")));
+            }
+            let next = join_url(&current, location.trim());
+            if !next.starts_with("http://") && !next.starts_with("https://") {
+                return Err(redirect(format!("refusing a redirect to {}", redact(&next))));
+            }
+            if current.starts_with("https:") && !next.starts_with("https:") {
+                return Err(redirect(format!(
+                    "refusing a redirect from https to {}",
+                    redact(&next)
+                )));
+            }
+            log::info!("{shown}: HTTP {code}, redirected to {}", redact(&next));
+            via = Some(shown);
+            current = next;
+        }
+        unreachable!("the loop returns by its last hop")
     }
 
     /// The expected digest from `<image_url>.sha256`, or `None` when the
     /// server has no such file (404, 403 or 410).
     pub fn sidecar_digest(&self, image_url: &str) -> Result<Option<String>, FetchError> {
         let url = sidecar_url(image_url);
-        let shown = redact(&url);
-        let resp = self
-            .agent
-            .get(&url)
-            .call()
-            .map_err(|source| FetchError::Transport { url: shown.clone(), source })?;
+        let Answer { resp, shown, signed } = self.get(&url, &[])?;
         match resp.status().as_u16() {
             200..=299 => {}
+            code @ (401 | 403) if signed => {
+                // A missing object answers 403 to a caller without list
+                // rights; only a refusal of the credentials is an error.
+                let s3_code = s3_error_code(resp);
+                if s3_code.as_deref().is_some_and(crate::s3::is_credential_error) || code == 401 {
+                    return Err(FetchError::Credentials { url: shown, code, s3_code });
+                }
+                return Ok(None);
+            }
             403 | 404 | 410 => return Ok(None),
             code => return Err(FetchError::Status { url: shown, code }),
         }
@@ -188,22 +368,21 @@ impl Fetcher {
         if st.done > 0 && !resuming {
             st.restart(out)?;
         }
-        let mut request = self.agent.get(st.url);
+        let mut extra = Vec::new();
         if let (true, Some(validator)) = (resuming, &st.validator) {
-            request = request
-                .header("Range", format!("bytes={}-", st.done))
-                .header("If-Range", validator.as_str());
+            extra.push(("Range", format!("bytes={}-", st.done)));
+            extra.push(("If-Range", validator.clone()));
         }
-        let resp = request.call().map_err(|source| {
-            let retry = is_transient(&source);
-            let e = FetchError::Transport { url: st.shown.clone(), source };
-            if retry {
-                Attempt::Retry(e)
-            } else {
-                Attempt::Fatal(e)
-            }
+        let Answer { resp, signed, .. } = self.get(st.url, &extra).map_err(|e| match &e {
+            FetchError::Transport { source, .. } if is_transient(source) => Attempt::Retry(e),
+            _ => Attempt::Fatal(e),
         })?;
         let code = resp.status().as_u16();
+        if signed && matches!(code, 401 | 403) {
+            let s3_code = s3_error_code(resp);
+            let url = st.shown.clone();
+            return Err(Attempt::Fatal(FetchError::Credentials { url, code, s3_code }));
+        }
         let header = |name: &str| {
             resp.headers().get(name).and_then(|v| v.to_str().ok()).map(|v| v.trim().to_string())
         };
@@ -341,6 +520,212 @@ fn is_transient(e: &ureq::Error) -> bool {
             | ureq::Error::HostNotFound
             | ureq::Error::Protocol(_)
     )
+}
+
+/// The typed error for a failed call: a policy refusal from the resolver,
+/// a TLS failure naming the host and rustls's reason, or plain transport.
+fn classify(shown: &str, host: &str, source: ureq::Error) -> FetchError {
+    if let Some(refusal) = crate::policy::refusal(&source) {
+        return FetchError::Refused { source: refusal.clone(), via: None };
+    }
+    let tls = match &source {
+        ureq::Error::Rustls(e) => Some(e.to_string()),
+        ureq::Error::Tls(e) => Some(e.to_string()),
+        ureq::Error::Io(io) => {
+            io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()).map(|e| e.to_string())
+        }
+        _ => None,
+    };
+    match tls {
+        Some(reason) => FetchError::Tls { url: shown.to_string(), host: host.to_string(), reason },
+        None => FetchError::Transport { url: shown.to_string(), source },
+    }
+}
+
+/// The S3 `<Code>` of an error answer, read from a bounded body.
+fn s3_error_code(resp: ureq::http::Response<ureq::Body>) -> Option<String> {
+    let mut text = String::new();
+    resp.into_body()
+        .into_with_config()
+        .limit(ERROR_BODY_LIMIT)
+        .reader()
+        .read_to_string(&mut text)
+        .ok()?;
+    crate::s3::error_code(&text)
+}
+
+fn default_port(uri: &Uri) -> u16 {
+    if uri.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    }
+}
+
+/// `location` resolved against `base`, as a browser would for the common
+/// forms: absolute, scheme-relative, absolute path, relative path.
+fn join_url(base: &str, location: &str) -> String {
+    if location.contains("://") {
+        return location.to_string();
+    }
+    let (scheme, rest) = base.split_once("://").unwrap_or(("http", base));
+    if let Some(auth_path) = location.strip_prefix("//") {
+        return format!("{scheme}://{auth_path}");
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    if location.starts_with('/') {
+        return format!("{scheme}://{authority}{location}");
+    }
+    let path = rest[authority.len()..].split(['?', '#']).next().unwrap_or("");
+    let dir = path.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+    format!("{scheme}://{authority}{dir}/{location}")
+}
+
+/// Forward proxies for image downloads, one per scheme, and the hosts
+/// reached directly. From `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY` (or
+/// their lower-case forms), unless `--proxy`/`--no-proxy` override them.
+/// ureq tunnels both schemes with CONNECT, so an https source's headers
+/// (signatures included) reach the proxy only inside TLS.
+#[derive(Debug, Clone, Default)]
+pub struct Proxies {
+    pub http: Option<ureq::Proxy>,
+    pub https: Option<ureq::Proxy>,
+    /// `NO_PROXY` entries: host names (a leading `.` or `*.` matches
+    /// subdomains too), IP addresses or networks, or `*` for all.
+    pub no_proxy: Vec<String>,
+}
+
+impl Proxies {
+    /// From the flags when given, else from the environment. `--proxy none`
+    /// turns proxies off whatever the environment says.
+    pub fn configure(flag: Option<&str>, no_proxy_flag: Option<&str>) -> Result<Proxies, String> {
+        let env = |names: &[&str]| {
+            names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.trim().is_empty()))
+        };
+        let parse = |what: &str, text: &str| -> Result<ureq::Proxy, String> {
+            let text = text.trim();
+            let scheme_ok = !text.contains("://")
+                || text.starts_with("http://")
+                || text.starts_with("https://");
+            if !scheme_ok {
+                return Err(format!(
+                    "{what} {:?}: only http:// and https:// proxies are supported",
+                    redact_userinfo(text)
+                ));
+            }
+            ureq::Proxy::new(text)
+                .map_err(|e| format!("{what} {:?} is not a proxy URL: {e}", redact_userinfo(text)))
+        };
+        let (http, https) = match flag {
+            Some("none") => (None, None),
+            Some(p) => {
+                let p = parse("--proxy", p)?;
+                (Some(p.clone()), Some(p))
+            }
+            None => {
+                let http = env(&["http_proxy", "HTTP_PROXY"])
+                    .map(|v| parse("HTTP_PROXY", &v))
+                    .transpose()?;
+                let https = env(&["https_proxy", "HTTPS_PROXY"])
+                    .map(|v| parse("HTTPS_PROXY", &v))
+                    .transpose()?;
+                (http, https)
+            }
+        };
+        let no_proxy = match no_proxy_flag {
+            Some(v) => v.to_string(),
+            None => env(&["no_proxy", "NO_PROXY"]).unwrap_or_default(),
+        };
+        let no_proxy = no_proxy
+            .split(',')
+            .map(|e| e.trim().to_ascii_lowercase())
+            .filter(|e| !e.is_empty())
+            .collect();
+        Ok(Proxies { http, https, no_proxy })
+    }
+
+    /// The proxy a request for `uri` goes through, if any.
+    pub fn for_url(&self, uri: &Uri) -> Option<&ureq::Proxy> {
+        let proxy = match uri.scheme_str() {
+            Some("https") => self.https.as_ref(),
+            _ => self.http.as_ref(),
+        }?;
+        let host = uri.host().unwrap_or_default().trim_matches(['[', ']']).to_ascii_lowercase();
+        (!self.no_proxy.iter().any(|e| no_proxy_matches(e, &host))).then_some(proxy)
+    }
+
+    /// `host:port` of every configured proxy, which the resolver lets
+    /// through whatever the denied networks say.
+    fn authorities(&self) -> Vec<String> {
+        [&self.http, &self.https]
+            .into_iter()
+            .flatten()
+            .map(|p| format!("{}:{}", p.host(), p.port()))
+            .collect()
+    }
+
+    /// One line for the start-up log, without proxy credentials.
+    pub fn summary(&self) -> String {
+        let show = |p: &Option<ureq::Proxy>| {
+            p.as_ref()
+                .map(|p| format!("{}:{}", p.host(), p.port()))
+                .unwrap_or_else(|| "direct".into())
+        };
+        let mut s = format!("http via {}, https via {}", show(&self.http), show(&self.https));
+        if !self.no_proxy.is_empty() && (self.http.is_some() || self.https.is_some()) {
+            s.push_str(&format!(", direct for {}", self.no_proxy.join(",")));
+        }
+        s
+    }
+}
+
+/// Whether one `NO_PROXY` entry covers `host`.
+fn no_proxy_matches(entry: &str, host: &str) -> bool {
+    if entry == "*" {
+        return true;
+    }
+    if let (Ok(net), Ok(ip)) = (crate::policy::Net::parse(entry), host.parse()) {
+        return net.contains(ip);
+    }
+    let entry = entry.trim_start_matches("*.").trim_start_matches('.');
+    // Like curl: `example.com` covers the domain and its subdomains.
+    let entry = entry.split(':').next().unwrap_or(entry);
+    host == entry || host.ends_with(&format!(".{entry}"))
+}
+
+/// A proxy URL with any `user:password@` replaced, for messages.
+fn redact_userinfo(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
+        (None, Some(at)) => format!("…@{}", &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+/// The roots an https source is checked against: the system's CA bundle
+/// (as `rustls-native-certs` finds it; `SSL_CERT_FILE` is honoured) and
+/// every certificate in `extra`, the `--source-ca` bundle.
+pub fn load_roots(extra: Option<&Path>) -> Result<Vec<CertificateDer<'static>>, String> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = found.certs;
+    if roots.is_empty() {
+        log::warn!(
+            "no system CA certificates found ({}); https sources are trusted only through --source-ca",
+            found.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
+        );
+    }
+    if let Some(path) = extra {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| {
+                format!("--source-ca {}: cannot read PEM certificates ({e})", path.display())
+            })?;
+        if certs.is_empty() {
+            return Err(format!("--source-ca {}: holds no PEM certificate", path.display()));
+        }
+        roots.extend(certs);
+    }
+    Ok(roots)
 }
 
 fn sleep_unless_cancelled(delay: Duration, cancel: &AtomicBool) -> Result<(), FetchError> {
@@ -491,5 +876,36 @@ mod tests {
         assert_eq!(sidecar_url("https://h/b.qcow2?X-Sig=1"), "https://h/b.qcow2.sha256");
         assert_eq!(redact("https://h/b?X-Amz-Signature=s"), "https://h/b?…");
         assert_eq!(file_name("https://h/a/b.qcow2?x=1"), "b.qcow2");
+    }
+
+    #[test]
+    fn test_redirect_locations() {
+        let b = "https://h:9/a/b/c.qcow2?x=1";
+        assert_eq!(join_url(b, "http://o/x"), "http://o/x");
+        assert_eq!(join_url(b, "//o/x"), "https://o/x");
+        assert_eq!(join_url(b, "/x/y"), "https://h:9/x/y");
+        assert_eq!(join_url(b, "d.qcow2"), "https://h:9/a/b/d.qcow2");
+        assert_eq!(join_url("http://h", "d"), "http://h/d");
+    }
+
+    #[test]
+    fn test_no_proxy_entries() {
+        assert!(no_proxy_matches("example.com", "example.com"));
+        assert!(no_proxy_matches("example.com", "s3.example.com"));
+        assert!(no_proxy_matches(".example.com", "s3.example.com"));
+        assert!(no_proxy_matches("*.example.com", "s3.example.com"));
+        assert!(!no_proxy_matches("example.com", "badexample.com"));
+        assert!(no_proxy_matches("127.0.0.0/8", "127.0.0.5"));
+        assert!(no_proxy_matches("*", "anything"));
+        assert!(!no_proxy_matches("10.0.0.1", "127.0.0.1"));
+        let p = Proxies {
+            http: Some(ureq::Proxy::new("http://127.0.0.1:3128").unwrap()),
+            https: None,
+            no_proxy: vec!["localhost".into()],
+        };
+        assert!(p.for_url(&"http://images/x".parse().unwrap()).is_some());
+        assert!(p.for_url(&"http://localhost/x".parse().unwrap()).is_none());
+        assert!(p.for_url(&"https://images/x".parse().unwrap()).is_none());
+        assert_eq!(redact_userinfo("http://u:p@proxy:3128"), "http://…@proxy:3128");
     }
 }

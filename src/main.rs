@@ -21,6 +21,8 @@ mod jobs;
 mod libvirt;
 mod logging;
 mod metrics;
+mod policy;
+mod s3;
 mod tokens;
 mod volume;
 mod write;

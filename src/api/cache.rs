@@ -61,6 +61,7 @@ pub fn prefetch(ctx: &Ctx, req: &Req) -> Result<Reply, Failure> {
         return Err(ApiError::shutting_down().into());
     }
     let request = crate::api::parse_prefetch(req.body)?;
+    crate::api::provision::check_source(ctx, &request.image_url)?;
     match ctx.table.insert(request, None)? {
         Submitted::New(id) | Submitted::Existing(id) => {
             if !ctx.queue.try_push(id) {

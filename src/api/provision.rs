@@ -30,6 +30,7 @@ pub fn handle(ctx: &Ctx, req: &Req) -> Result<Reply, Failure> {
         return Err(fail(ApiError::shutting_down()));
     }
     let request = super::parse_provision(req.body).map_err(fail)?;
+    check_source(ctx, &request.image_url).map_err(fail)?;
     let idempotency = match req.header("Idempotency-Key") {
         None => None,
         Some(key) => {
@@ -64,6 +65,17 @@ pub fn handle(ctx: &Ctx, req: &Req) -> Result<Reply, Failure> {
             Ok(Reply::json(202, &Accepted { job_id: id }))
         }
     }
+}
+
+/// `--allow-source`: a URL outside every allowed prefix is refused at
+/// submission, before a job exists. (The downloader checks again, and
+/// checks every redirect hop.)
+pub fn check_source(ctx: &Ctx, url: &str) -> Result<(), ApiError> {
+    ctx.pipeline
+        .fetcher
+        .policy()
+        .check_url(url)
+        .map_err(|e| ApiError::invalid_request(format!("image_url: {e}")))
 }
 
 /// The correlation id of a body that may not validate, to echo in errors.

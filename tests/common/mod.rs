@@ -239,6 +239,10 @@ pub struct Get {
     pub if_range: Option<String>,
     /// The status the server answered with.
     pub status: u16,
+    /// The `Authorization` header, as sent (an S3 signature, say).
+    pub authorization: Option<String>,
+    /// Whether the request target had a query string.
+    pub query: bool,
 }
 
 #[derive(Default)]
@@ -466,6 +470,8 @@ fn serve_connection(mut stream: TcpStream, root: &Path, state: &ServerState) {
             _ => 200,
         };
         gets.push(Get {
+            authorization: header("authorization"),
+            query: target.contains('?'),
             path: path.clone(),
             range: range.clone(),
             if_range: if_range.clone(),
@@ -633,6 +639,22 @@ impl Daemon {
     /// Starts the daemon with the arguments `args` makes for a port, then
     /// `extra`.
     pub fn start_with(dir: &TestDir, extra: &[&str], args: &dyn Fn(u16) -> Vec<String>) -> Daemon {
+        Daemon::start_with_env(dir, extra, args, &[])
+    }
+
+    /// Like [`Daemon::start`], with `env` set in the daemon's environment
+    /// (proxy variables, AWS credentials).
+    pub fn start_env(dir: &TestDir, pki: &Pki, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with_env(dir, extra, &|port| Daemon::args(dir, pki, &Auth::mtls(), port), env)
+    }
+
+    /// [`Daemon::start_with`] with extra environment variables.
+    pub fn start_with_env(
+        dir: &TestDir,
+        extra: &[&str],
+        args: &dyn Fn(u16) -> Vec<String>,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         // The port is free when we look and taken by the daemon a moment
         // later; another process may win that race, so retry a few times.
         for attempt in 1..=3 {
@@ -643,6 +665,7 @@ impl Daemon {
             let log_file = File::create(&log).unwrap();
             let child = Command::new(BIN)
                 .args(&args)
+                .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(log_file.try_clone().unwrap())
                 .stderr(log_file)
@@ -1440,4 +1463,135 @@ pub fn output_text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+// ---------------------------------------------------------------- listeners
+
+/// A TCP listener that counts the connections it accepts and records every
+/// byte clients send. With a `reply`, it answers each request head with
+/// that text (a redirect, say) and closes; without one it only listens,
+/// which is how a test proves that nothing connected to an address.
+pub struct Listener {
+    pub addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    received: Arc<Mutex<Vec<u8>>>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Listener {
+    /// Listens on `ip` (any loopback address, such as 127.0.0.2).
+    pub fn start(ip: &str, reply: Option<String>) -> Listener {
+        let listener = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (c, r, s) = (Arc::clone(&connections), Arc::clone(&received), Arc::clone(&stopping));
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut stream) = stream else { continue };
+                c.fetch_add(1, Ordering::SeqCst);
+                let (r, reply) = (Arc::clone(&r), reply.clone());
+                thread::spawn(move || {
+                    use std::io::Write;
+                    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    r.lock().unwrap().extend_from_slice(&head);
+                    if let Some(reply) = reply {
+                        let _ = stream.write_all(reply.as_bytes());
+                    }
+                });
+            }
+        });
+        Listener { addr, connections, received, stopping }
+    }
+
+    /// A listener on 127.0.0.1 that answers every request with a 302 to
+    /// `location`.
+    pub fn redirect_to(location: &str) -> Listener {
+        let reply = format!(
+            "HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        Listener::start("127.0.0.1", Some(reply))
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}/{path}", self.addr)
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    pub fn received(&self) -> Vec<u8> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+    }
+}
+
+/// A TCP relay on 127.0.0.1 that forwards every connection to `target`
+/// and records, byte for byte, what clients sent through it: put in front
+/// of a proxy, it shows what that proxy received.
+pub struct Relay {
+    pub addr: SocketAddr,
+    sent: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Relay {
+    pub fn start(target: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let recorded = Arc::clone(&sent);
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(upstream) = TcpStream::connect(target) else { continue };
+                let recorded = Arc::clone(&recorded);
+                let (mut c_read, mut u_write) =
+                    (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                thread::spawn(move || {
+                    use std::io::Write;
+                    let mut buf = [0u8; 16 * 1024];
+                    while let Ok(n) = c_read.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        recorded.lock().unwrap().extend_from_slice(&buf[..n]);
+                        if u_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = u_write.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut u_read, mut c_write) = (upstream, client);
+                thread::spawn(move || {
+                    let _ = io::copy(&mut u_read, &mut c_write);
+                    let _ = c_write.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Relay { addr, sent }
+    }
+
+    /// Everything clients sent through the relay so far.
+    pub fn sent(&self) -> Vec<u8> {
+        self.sent.lock().unwrap().clone()
+    }
 }
