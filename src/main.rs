@@ -21,6 +21,7 @@ mod jobs;
 mod libvirt;
 mod logging;
 mod metrics;
+mod qcow2;
 mod tokens;
 mod volume;
 mod write;

@@ -178,7 +178,13 @@ impl Pipeline {
         self.enter(timer, Stage::Inspecting);
         let info = inspect::inspect(&image, req.image_type)
             .and_then(|info| inspect::check(&info, req.volume_bytes()).map(|()| info))
-            .map_err(|e| Stop::fail(Stage::Inspecting, chain(&e)))?;
+            .map_err(|e| {
+                let mut message = chain(&e);
+                if e.condemns_image() {
+                    message.push_str(&self.discard_refused(ctx, &image));
+                }
+                Stop::fail(Stage::Inspecting, message)
+            })?;
         check(Stage::CreatingVolume)?;
 
         self.enter(timer, Stage::CreatingVolume);
@@ -396,6 +402,25 @@ impl Pipeline {
             }
         }
         Err(Stop::fail(stage, "the shared download of this image failed repeatedly"))
+    }
+
+    /// Deletes the cache entry of an image that inspection refused for
+    /// what it is (not for its size), so that no later job, or a restart,
+    /// takes it for a good image. Returns a note for the job's error.
+    fn discard_refused(&self, ctx: &JobCtx, image: &std::path::Path) -> String {
+        let Some(digest) = image.file_stem().and_then(|s| s.to_str()) else {
+            return String::new();
+        };
+        match self.cache.purge(digest) {
+            Ok(_) => "; its cache entry was deleted".to_string(),
+            Err(e) => {
+                log::error!(
+                    "{ctx}: could not delete refused cache entry {}: {e}; remove it by hand",
+                    image.display()
+                );
+                format!("; deleting its cache entry failed: {e}")
+            }
+        }
     }
 
     fn use_entry(&self, id: JobId, entry: PathBuf, digest: &str, hit: bool) -> (PathBuf, u64) {
