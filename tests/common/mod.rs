@@ -1053,6 +1053,37 @@ pub fn raw_https(daemon: &Daemon, pki: &Pki, bytes: &[u8]) -> RawReply {
     RawReply { status, headers, body: body.to_string() }
 }
 
+/// A TLS connection to the daemon with the handshake done, presenting the
+/// test client certificate: for tests that then misbehave at the HTTP
+/// level (trickle a request, stall).
+pub fn tls_connect(
+    daemon: &Daemon,
+    pki: &Pki,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(&pki.ca_cert).unwrap()).unwrap();
+    let chain = vec![CertificateDer::from_pem_file(&pki.client_cert).unwrap()];
+    let key = PrivateKeyDer::from_pem_file(&pki.client_key).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut tcp = TcpStream::connect(daemon.addr).unwrap();
+    tcp.set_read_timeout(Some(REQUEST_TIMEOUT)).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).unwrap_or_else(|e| panic!("TLS handshake: {e}"));
+    }
+    rustls::StreamOwned::new(conn, tcp)
+}
+
 // ---------------------------------------------------------------- Harness
 
 /// A test directory, certificates, an image server and a daemon with a
