@@ -21,6 +21,8 @@ mod jobs;
 mod libvirt;
 mod logging;
 mod metrics;
+#[cfg(test)]
+mod proptests;
 mod qcow2;
 mod tokens;
 mod volume;
