@@ -216,7 +216,7 @@ pub fn examine<R: Read + Seek>(r: &mut R, file_len: u64) -> Result<Header, Qcow2
             });
         }
         let header_len = u64::from(be32(100));
-        if header_len < V3_MIN_HEADER_LEN as u64 || header_len % 8 != 0 {
+        if header_len < V3_MIN_HEADER_LEN as u64 || !header_len.is_multiple_of(8) {
             return Err(Qcow2Error::BadField { field: "header_length", value: header_len });
         }
         let refcount_order = be32(96);
@@ -364,7 +364,7 @@ fn within(
     if !required {
         return Ok(());
     }
-    if offset == 0 || offset % align != 0 {
+    if offset == 0 || !offset.is_multiple_of(align) {
         return Err(Qcow2Error::BadField { field: what_field(what), value: offset });
     }
     match offset.checked_add(len) {

@@ -280,20 +280,6 @@ fn read_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, ApiError> {
     Ok(body)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn test_log_text_is_one_line_and_bounded() {
-        assert_eq!(clean_for_log("/a b\nreq=forged"), "/a_b_req=forged");
-        let long = "x".repeat(500);
-        assert_eq!(clean_for_log(&long).chars().count(), 201);
-        assert_eq!(audit_job(202, Some("j1")), " job=j1");
-        assert_eq!(audit_job(404, Some("j1")), "");
-    }
-}
-
 fn header(name: &str, value: &str) -> Header {
     Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("valid header")
 }
@@ -314,5 +300,19 @@ pub fn reason_phrase(status: u16) -> &'static str {
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Internal Server Error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_log_text_is_one_line_and_bounded() {
+        assert_eq!(clean_for_log("/a b\nreq=forged"), "/a_b_req=forged");
+        let long = "x".repeat(500);
+        assert_eq!(clean_for_log(&long).chars().count(), 201);
+        assert_eq!(audit_job(202, Some("j1")), " job=j1");
+        assert_eq!(audit_job(404, Some("j1")), "");
     }
 }
