@@ -4,8 +4,11 @@
 //!    `.sha256` sidecar); use the cache entry if there is one, else
 //!    download (or wait for the job already downloading the same URL),
 //!    verify and store it.
-//! 2. `inspecting`: `qemu-img info -f <image_type>`; refuse backing files,
-//!    external data files, encryption, and images larger than the volume.
+//! 2. `inspecting`: for qcow2 our own header reader and `qemu-img check`,
+//!    then `qemu-img info -f <image_type>` (see [`crate::inspect`]); refuse
+//!    backing files, external data files, encryption, corrupt or truncated
+//!    images, and images larger than the volume. An image refused for what
+//!    it is (not for its size) loses its cache entry.
 //! 3. `creating_volume`: create the volume, or reuse one that is not open.
 //! 4. `converting` (qcow2) or `copying` (raw): write the image.
 //! 5. `finalizing`: the volume is flushed to stable storage, then the job
