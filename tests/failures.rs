@@ -179,26 +179,10 @@ fn open_volume_is_never_overwritten() {
 #[test]
 fn write_failure_removes_the_volume_the_job_created() {
     let h = Harness::start("write-failure", &[]);
-    // A compressed qcow2 whose first compressed cluster is garbage: its
-    // header and tables are sound (our reader and qemu-img check pass it;
-    // a truncated image would now be refused at inspecting), but
-    // qemu-img convert fails to inflate the data.
-    let text = h.image_dir().join("text.raw");
-    fs::write(&text, b"compressible line of text\n".repeat(120_000)).unwrap();
+    // Sound tables, damaged data: fails in qemu-img convert, after the
+    // volume exists (a truncated image is refused earlier, at inspecting).
     let cut = h.image_dir().join("cut.qcow2");
-    run(Command::new("qemu-img")
-        .args(["convert", "-q", "-c", "-f", "raw", "-O", "qcow2"])
-        .arg(&text)
-        .arg(&cut));
-    let mut bytes = fs::read(&cut).unwrap();
-    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
-    let l1 = be64(&bytes, 40) as usize;
-    let l2 = (be64(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
-    let entry = be64(&bytes, l2);
-    assert!(entry & (1 << 62) != 0, "the first cluster is compressed");
-    let host = (entry & ((1 << 54) - 1)) as usize;
-    bytes[host..host + 64].fill(0xff);
-    fs::write(&cut, &bytes).unwrap();
+    build_bad_data_qcow2(&cut);
     write_sidecar(&cut);
 
     let id = h.api.submit(&h.request("cut.qcow2", "vm-cut", 1, "qcow2"));

@@ -1280,6 +1280,31 @@ pub fn qcow2_to_raw(qcow2: &Path) -> PathBuf {
     raw
 }
 
+/// A compressed qcow2 whose first compressed cluster is garbage: its
+/// header and tables are sound (the daemon's header reader and
+/// `qemu-img check` pass it), but `qemu-img convert` fails to inflate the
+/// data. For jobs that must fail while writing, after the volume exists.
+/// Without a sidecar.
+pub fn build_bad_data_qcow2(path: &Path) {
+    let text = path.with_extension("src.raw");
+    fs::write(&text, b"compressible line of text\n".repeat(120_000)).unwrap();
+    run(Command::new("qemu-img")
+        .args(["convert", "-q", "-c", "-f", "raw", "-O", "qcow2"])
+        .arg(&text)
+        .arg(path));
+    fs::remove_file(&text).unwrap();
+    let mut bytes = fs::read(path).unwrap();
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let l1 = be64(&bytes, 40) as usize;
+    let l2 = (be64(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let entry = be64(&bytes, l2);
+    assert!(entry & (1 << 62) != 0, "the first cluster is compressed");
+    // 64 KiB clusters: the host offset is in the low 54 bits.
+    let host = (entry & ((1 << 54) - 1)) as usize;
+    bytes[host..host + 64].fill(0xff);
+    fs::write(path, &bytes).unwrap();
+}
+
 /// A tiny empty qcow2 (16 MiB virtual) with its sidecar, for jobs that
 /// must simply complete.
 pub fn build_tiny_qcow2(path: &Path) {
