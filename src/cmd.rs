@@ -88,15 +88,99 @@ pub fn run_with(
     on_line: &mut dyn FnMut(&str),
 ) -> Result<Output, CmdError> {
     let program = argv.first().cloned().unwrap_or_default();
-    log::debug!("running {}", argv.join(" "));
+    let (status, stdout, stderr) = run_inner(argv, cancel, on_line, None)?;
+    if status.success() {
+        if !stderr.trim().is_empty() {
+            log::debug!("{program} said on stderr: {}", stderr.trim());
+        }
+        Ok(Output { stdout })
+    } else {
+        Err(CmdError::Failed { program, status, stderr })
+    }
+}
+
+/// Resource limits for a child that reads untrusted input (qemu-img on a
+/// downloaded image), set with setrlimit(2) between fork and exec: a
+/// crafted image that makes the parser allocate without end or loop hits
+/// the limit and the child dies, instead of the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// RLIMIT_AS, bytes of address space.
+    pub address_space: u64,
+    /// RLIMIT_CPU, seconds of CPU time; past it the kernel kills the child.
+    pub cpu_secs: u64,
+}
+
+/// How a child run with [`run_limited`] ended.
+#[derive(Debug)]
+pub struct Finished {
+    /// The exit status, one of the accepted codes.
+    pub code: i32,
+    pub stdout: String,
+}
+
+/// Runs `argv` under `limits`. Exit statuses in `ok_codes` are returned
+/// with stdout (qemu-img check reports findings with 2 and 3 and still
+/// prints its report); any other status, or death by a signal, is an error.
+pub fn run_limited(
+    argv: &[String],
+    limits: Limits,
+    ok_codes: &[i32],
+) -> Result<Finished, CmdError> {
+    let program = argv.first().cloned().unwrap_or_default();
+    let (status, stdout, stderr) = run_inner(argv, None, &mut |_| {}, Some(limits))?;
+    match status.code() {
+        Some(code) if ok_codes.contains(&code) => {
+            if !stderr.trim().is_empty() {
+                log::debug!("{program} said on stderr: {}", stderr.trim());
+            }
+            Ok(Finished { code, stdout })
+        }
+        _ => Err(CmdError::Failed { program, status, stderr }),
+    }
+}
+
+/// Sets one resource limit, soft and hard, in the child.
+fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> {
+    let limit = libc::rlimit { rlim_cur: value as libc::rlim_t, rlim_max: value as libc::rlim_t };
+    // SAFETY: setrlimit is async-signal-safe; `limit` lives on this stack.
+    if unsafe { libc::setrlimit(resource, &limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Spawns `argv`, relays stdout lines, and returns the exit status with
+/// all of stdout (up to 1 MiB) and the stderr tail.
+fn run_inner(
+    argv: &[String],
+    cancel: Option<&AtomicBool>,
+    on_line: &mut dyn FnMut(&str),
+    limits: Option<Limits>,
+) -> Result<(ExitStatus, String, String), CmdError> {
+    let program = argv.first().cloned().unwrap_or_default();
+    match limits {
+        Some(l) => log::debug!(
+            "running {} (limits: {} MiB address space, {}s CPU)",
+            argv.join(" "),
+            l.address_space >> 20,
+            l.cpu_secs
+        ),
+        None => log::debug!("running {}", argv.join(" ")),
+    }
     let mut command = Command::new(&program);
     // If the daemon dies (kill -9, OOM), its children die with it instead
     // of writing on into a volume that nobody tracks any more.
-    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    // SAFETY: prctl and setrlimit are async-signal-safe and the closure
+    // touches only its own copy of `limits`.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
+            }
+            if let Some(l) = limits {
+                set_limit(libc::RLIMIT_AS, l.address_space)?;
+                set_limit(libc::RLIMIT_CPU, l.cpu_secs)?;
             }
             Ok(())
         });
@@ -159,13 +243,7 @@ pub fn run_with(
     let stderr = stderr_thread.join().unwrap_or_default();
     match status {
         None => Err(CmdError::Cancelled { program }),
-        Some(Ok(status)) if status.success() => {
-            if !stderr.trim().is_empty() {
-                log::debug!("{program} said on stderr: {}", stderr.trim());
-            }
-            Ok(Output { stdout: stdout_all })
-        }
-        Some(Ok(status)) => Err(CmdError::Failed { program, status, stderr }),
+        Some(Ok(status)) => Ok((status, stdout_all, stderr)),
         Some(Err(source)) => Err(CmdError::Spawn { program, source }),
     }
 }
@@ -291,6 +369,31 @@ mod tests {
         let err = run_with(&argv(&["sleep", "30"]), Some(&flag), &mut |_| {}).unwrap_err();
         assert!(matches!(err, CmdError::Cancelled { .. }), "{err}");
         assert!(start.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn test_limits_reach_the_child() {
+        let limits = Limits { address_space: 512 << 20, cpu_secs: 7 };
+        let out = run_limited(&argv(&["sh", "-c", "ulimit -v; ulimit -t"]), limits, &[0]).unwrap();
+        assert_eq!(out.stdout.split_whitespace().collect::<Vec<_>>(), ["524288", "7"]);
+        // A child that tries to allocate more than its address space fails.
+        let limits = Limits { address_space: 64 << 20, cpu_secs: 5 };
+        let hog = ["python3", "-c", "b = bytearray(256 << 20)"];
+        if std::process::Command::new("python3").arg("-V").output().is_ok() {
+            assert!(run_limited(&argv(&hog), limits, &[0]).is_err());
+        }
+        // Other accepted exit codes come back with stdout.
+        let out = run_limited(&argv(&["sh", "-c", "echo r; exit 3"]), limits, &[0, 3]).unwrap();
+        assert_eq!((out.code, out.stdout.as_str()), (3, "r\n"));
+    }
+
+    #[test]
+    fn test_cpu_limit_kills_a_spinning_child() {
+        let limits = Limits { address_space: 256 << 20, cpu_secs: 1 };
+        let start = Instant::now();
+        let err = run_limited(&argv(&["sh", "-c", "while :; do :; done"]), limits, &[0]);
+        assert!(err.unwrap_err().to_string().contains("killed by a signal"));
+        assert!(start.elapsed() < Duration::from_secs(20));
     }
 
     #[test]

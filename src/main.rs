@@ -22,6 +22,9 @@ mod libvirt;
 mod logging;
 mod metrics;
 mod policy;
+#[cfg(test)]
+mod proptests;
+mod qcow2;
 mod s3;
 mod tokens;
 mod volume;

@@ -179,11 +179,10 @@ fn open_volume_is_never_overwritten() {
 #[test]
 fn write_failure_removes_the_volume_the_job_created() {
     let h = Harness::start("write-failure", &[]);
-    let img = build_fs_image(h.image_dir(), "base", 12);
-    // A qcow2 cut in half: its header and tables read fine, its data does not.
+    // Sound tables, damaged data: fails in qemu-img convert, after the
+    // volume exists (a truncated image is refused earlier, at inspecting).
     let cut = h.image_dir().join("cut.qcow2");
-    let bytes = fs::read(&img.qcow2).unwrap();
-    fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    build_bad_data_qcow2(&cut);
     write_sidecar(&cut);
 
     let id = h.api.submit(&h.request("cut.qcow2", "vm-cut", 1, "qcow2"));

@@ -39,8 +39,7 @@ fn pool_is_refreshed_after_create_and_remove_and_silence_is_announced() {
     assert_eq!(h.api.wait_final(&id, JOB_TIMEOUT)["status"], "completed");
     // A job that creates its volume and then fails removes it again.
     let cut = h.image_dir().join("cut.qcow2");
-    let bytes = std::fs::read(&img.qcow2).unwrap();
-    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    build_bad_data_qcow2(&cut);
     write_sidecar(&cut);
     let id = h.api.submit(&h.request("cut.qcow2", "vm-cut", 1, "qcow2"));
     assert_eq!(h.api.wait_final(&id, JOB_TIMEOUT)["status"], "failed");

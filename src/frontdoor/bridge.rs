@@ -27,12 +27,17 @@ const BUFFER_LIMIT: usize = 64 * 1024;
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 16 << 20;
 
+/// Handshake deadline for a connection accepted past the cap only to be
+/// told so: short, since all it gets is the refusal.
+const REFUSAL_HANDSHAKE: Duration = Duration::from_secs(3);
+
 /// Deadlines for one connection.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     /// Time allowed from accept to a completed TLS handshake.
     pub handshake: Duration,
-    /// Time a connection may pass with no byte in either direction.
+    /// Time a connection may pass with no byte in either direction, and
+    /// the time a request may take to arrive whole from its first byte.
     pub idle: Duration,
 }
 
@@ -44,10 +49,16 @@ pub struct Bridge {
     pub backend: SocketAddr,
     pub peers: Arc<PeerTable>,
     pub limits: Limits,
+    /// Answer this instead of serving: the connection came past the cap.
+    /// Over TLS the handshake is completed first, so that the client reads
+    /// a 503 it understands instead of a bare close.
+    pub refuse: Option<ApiError>,
 }
 
 struct State {
     client: TcpStream,
+    /// The client's address, for log lines.
+    remote: SocketAddr,
     tls: Option<ServerConnection>,
     backend: Option<TcpStream>,
     bridge_addr: Option<SocketAddr>,
@@ -68,13 +79,19 @@ struct State {
     linger_until: Option<Instant>,
     /// Client bytes thrown away while closing.
     discarded: usize,
+    /// The answer to give once the handshake is done, instead of serving.
+    refuse: Option<ApiError>,
 }
 
 impl Bridge {
     /// Serves the connection until either side closes, a deadline passes or
     /// the client breaks the rules. Never panics on client input.
     pub fn run(self) {
-        let Bridge { client, remote, tls, backend, peers, limits } = self;
+        let Bridge { client, remote, tls, backend, peers, mut limits, refuse } = self;
+        if refuse.is_some() {
+            limits.handshake = limits.handshake.min(REFUSAL_HANDSHAKE);
+            limits.idle = limits.idle.min(REFUSAL_HANDSHAKE);
+        }
         if client.set_nonblocking(true).is_err() {
             return;
         }
@@ -88,6 +105,7 @@ impl Bridge {
         };
         let mut st = State {
             client,
+            remote,
             tls,
             backend: None,
             bridge_addr: None,
@@ -100,24 +118,44 @@ impl Bridge {
             closing: false,
             linger_until: None,
             discarded: 0,
+            refuse,
         };
         if let Some(tls) = st.tls.as_mut() {
             // Backpressure is applied by polling, not by rustls' limit.
             tls.set_buffer_limit(None);
+        } else if st.refuse.is_some() {
+            st.send_refusal();
         } else if let Err(e) = st.connect_backend(backend, &peers, Peer { remote, subject: None }) {
             log::error!("cannot reach the HTTP workers at {backend}: {e}");
             return;
         }
         let started = Instant::now();
         let mut last_activity = started;
+        let mut request_started: Option<Instant> = None;
         loop {
             let handshaking = st.tls.as_ref().is_some_and(|t| t.is_handshaking());
-            let deadline =
-                if handshaking { started + limits.handshake } else { last_activity + limits.idle };
+            match (st.framer.mid_request(), request_started) {
+                (true, None) => request_started = Some(Instant::now()),
+                (false, Some(_)) => request_started = None,
+                _ => {}
+            }
+            let (deadline, what) = if handshaking {
+                (started + limits.handshake, "TLS handshake")
+            } else {
+                match request_started {
+                    Some(t) if t + limits.idle < last_activity + limits.idle => {
+                        (t + limits.idle, "request that arrives too slowly")
+                    }
+                    _ => (last_activity + limits.idle, "idle connection"),
+                }
+            };
             let now = Instant::now();
             if now >= deadline {
-                let what = if handshaking { "TLS handshake" } else { "idle connection" };
-                log::debug!("closing {what} from {remote}: deadline passed");
+                // An idle keep-alive connection closing is routine; a
+                // stalled handshake or request is worth an audit line.
+                let level =
+                    if what == "idle connection" { log::Level::Debug } else { log::Level::Info };
+                log::log!(level, "closing {what} from {remote}: its deadline passed");
                 break;
             }
             match st.step(deadline - now, remote, backend, &peers) {
@@ -293,6 +331,11 @@ impl State {
             let _ = tls.write_tls(&mut self.client);
             return Err(Done);
         }
+        if was_handshaking && !tls.is_handshaking() && self.refuse.is_some() {
+            self.send_refusal();
+            let _ = self.write_client();
+            return Ok(true);
+        }
         if was_handshaking && !tls.is_handshaking() {
             let subject =
                 tls.peer_certificates().and_then(|certs| certs.first()).map(super::tls::subject_of);
@@ -329,6 +372,14 @@ impl State {
             return;
         }
         if let Err(err) = self.framer.feed(bytes, &mut self.to_backend) {
+            // Info, not warn: any client can cause it at will.
+            log::info!(
+                "front door refused a request from {}: {} {}: {}",
+                self.remote,
+                err.status,
+                err.code,
+                err.details
+            );
             self.closing = true;
             self.to_backend.clear();
             let reply = reject_response(&err);
@@ -339,6 +390,21 @@ impl State {
                 }
                 None => self.to_client.extend_from_slice(&reply),
             }
+        }
+    }
+
+    /// Queues the refusal this connection was accepted for and starts
+    /// closing; no byte of the client's goes to tiny_http.
+    fn send_refusal(&mut self) {
+        let Some(err) = self.refuse.take() else { return };
+        self.closing = true;
+        let reply = reject_response(&err);
+        match self.tls.as_mut() {
+            Some(tls) => {
+                let _ = tls.writer().write_all(&reply);
+                tls.send_close_notify();
+            }
+            None => self.to_client.extend_from_slice(&reply),
         }
     }
 
@@ -426,9 +492,11 @@ fn would_block(e: &io::Error) -> bool {
 /// A complete HTTP response for a request the front door refuses itself.
 pub fn reject_response(err: &ApiError) -> Vec<u8> {
     let body = err.body(None);
+    // A full daemon tells the client when to come back, as the HTTP side does.
+    let retry = if err.status == 503 { "Retry-After: 5\r\n" } else { "" };
     let mut out = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         X-Request-ID: {}\r\nConnection: close\r\n\r\n",
+         X-Request-ID: {}\r\n{retry}Connection: close\r\n\r\n",
         err.status,
         crate::http::reason_phrase(err.status),
         body.len(),

@@ -83,6 +83,19 @@ impl Framer {
     }
 }
 
+impl Framer {
+    /// Whether part of a request (head or body) has arrived and the rest
+    /// has not: the bridge gives a request a deadline from its first byte,
+    /// so that a client trickling one byte at a time cannot hold a
+    /// connection open for ever.
+    pub fn mid_request(&self) -> bool {
+        match &self.state {
+            State::Head(buf) => !buf.is_empty(),
+            State::Body(_) => true,
+        }
+    }
+}
+
 /// Index just past the first blank line (`\r\n\r\n`, or a bare `\n\n`).
 fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
     let mut i = from;

@@ -2,14 +2,18 @@
 //! tiny_http sees a byte.
 //!
 //! 1. The acceptor thread (`frontdoor`) takes a connection from the public
-//!    listener. Past [`Limits`]' connection cap it is closed at once.
+//!    listener. Past the connection cap it is answered 503
+//!    `too_many_connections` (over TLS after a short handshake), and past
+//!    [`MAX_REFUSING_CONNECTIONS`] more it is closed at once.
 //! 2. A connection thread runs the rustls handshake against the deadline;
 //!    a client certificate is verified against the client CA here.
 //! 3. Once the handshake is done it opens a loopback connection to
 //!    tiny_http's private socket and records the verified peer under that
 //!    connection's local address (see [`peers`]).
 //! 4. It bridges bytes both ways, checking request heads and body lengths
-//!    on the way in ([`framing`]) and closing idle connections.
+//!    on the way in ([`framing`]), closing idle connections and those
+//!    whose request does not arrive whole within the idle timeout of its
+//!    first byte (a client trickling a byte at a time).
 //!
 //! With `--plain-http` the same steps run without the handshake.
 
@@ -31,6 +35,11 @@ use rustls::ServerConfig;
 use crate::error::ApiError;
 use bridge::{Bridge, Limits};
 use peers::PeerTable;
+
+/// Connections past the cap that are still served a 503 over a completed
+/// handshake (with a short deadline); past these, the excess is closed at
+/// once. Each costs a thread for at most a few seconds.
+pub const MAX_REFUSING_CONNECTIONS: usize = 32;
 
 /// How often the acceptor looks at the stop flag while idle.
 const ACCEPT_POLL: Duration = Duration::from_millis(200);
@@ -56,6 +65,7 @@ impl FrontDoor {
     /// then closes the listener. Open connections run on until they end.
     pub fn run(self, stop: &AtomicBool) {
         let open = Arc::new(AtomicUsize::new(0));
+        let refusing = Arc::new(AtomicUsize::new(0));
         if let Err(e) = self.listener.set_nonblocking(true) {
             log::error!("cannot make the listener non-blocking: {e}");
             return;
@@ -79,18 +89,31 @@ impl FrontDoor {
                 Ok(a) => a,
                 Err(_) => continue,
             };
-            if open.fetch_add(1, Ordering::SeqCst) >= self.max_connections {
+            let (counter, refuse) = if open.fetch_add(1, Ordering::SeqCst) < self.max_connections {
+                (Arc::clone(&open), None)
+            } else {
                 open.fetch_sub(1, Ordering::SeqCst);
-                log::debug!("refusing connection from {remote}: {} open", self.max_connections);
-                if self.tls.is_none() {
-                    // Plain HTTP can be told why; a TLS client just sees the close.
-                    let busy = ApiError::too_many_connections();
-                    let _ = stream.set_nonblocking(true);
-                    let _ = (&stream).write_all(&bridge::reject_response(&busy));
+                if refusing.fetch_add(1, Ordering::SeqCst) >= MAX_REFUSING_CONNECTIONS {
+                    refusing.fetch_sub(1, Ordering::SeqCst);
+                    log::debug!(
+                        "closing connection from {remote} at once: {} open and {} being refused",
+                        self.max_connections,
+                        MAX_REFUSING_CONNECTIONS
+                    );
+                    if self.tls.is_none() {
+                        let busy = ApiError::too_many_connections();
+                        let _ = stream.set_nonblocking(true);
+                        let _ = (&stream).write_all(&bridge::reject_response(&busy));
+                    }
+                    drop(stream);
+                    continue;
                 }
-                drop(stream);
-                continue;
-            }
+                log::debug!(
+                    "refusing connection from {remote} with 503: {} connections open",
+                    self.max_connections
+                );
+                (Arc::clone(&refusing), Some(ApiError::too_many_connections()))
+            };
             let bridge = Bridge {
                 client: stream,
                 remote,
@@ -98,14 +121,15 @@ impl FrontDoor {
                 backend: self.backend,
                 peers: Arc::clone(&self.peers),
                 limits: self.limits,
+                refuse,
             };
-            let counter = Arc::clone(&open);
+            let slots = Arc::clone(&counter);
             let spawned = thread::Builder::new().name("conn".into()).spawn(move || {
                 bridge.run();
                 counter.fetch_sub(1, Ordering::SeqCst);
             });
             if let Err(e) = spawned {
-                open.fetch_sub(1, Ordering::SeqCst);
+                slots.fetch_sub(1, Ordering::SeqCst);
                 log::warn!("cannot start a thread for {remote}: {e}");
             }
         }

@@ -202,6 +202,12 @@ fn handle(ctx: &Ctx, mut request: tiny_http::Request) {
         },
     };
     let status = reply.status;
+    let reply_job_id = reply
+        .body
+        .as_deref()
+        .filter(|_| reply.content_type == JSON)
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+        .and_then(|v| v.get("job_id").and_then(|j| j.as_str()).map(str::to_string));
     ctx.metrics.request(routes::endpoint_label(path), &method, status);
     let mut response = match reply.body {
         Some(body) => {
@@ -214,9 +220,12 @@ fn handle(ctx: &Ctx, mut request: tiny_http::Request) {
     for (name, value) in &reply.headers {
         response = response.with_header(header(name, value));
     }
-    let caller = match &identity {
-        Ok(id) => id.to_string(),
-        Err(_) => "unauthenticated".to_string(),
+    let job = audit_job(status, reply_job_id.as_deref());
+    let (caller, failure) = match &identity {
+        Ok(id) => (clean_for_log(&id.to_string()), String::new()),
+        // A public probe needs no identity: not an authentication failure.
+        Err(_) if public => ("anonymous".to_string(), String::new()),
+        Err(e) => ("unauthenticated".to_string(), format!(" auth_failure={:?}", e.details)),
     };
     let remote = request
         .remote_addr()
@@ -226,11 +235,36 @@ fn handle(ctx: &Ctx, mut request: tiny_http::Request) {
     if let Err(e) = request.respond(response) {
         log::debug!("req={} could not send the reply: {e}", &request_id[..8]);
     }
+    // The audit line: who (certificate subject or token name, never the
+    // token), from where, what, and the outcome. At info, also for failed
+    // authentication: one line per request, which a remote party cannot
+    // multiply (see the connection cap and the front door's deadlines).
     log::info!(
-        "req={} peer={caller} from={remote} {method} {path} {status} {}ms",
+        "req={} peer={caller} from={remote} {method} {} {status} {}ms{job}{failure}",
         &request_id[..8],
+        clean_for_log(path),
         started.elapsed().as_millis()
     );
+}
+
+/// ` job=<id>` for a reply that names a job the request created or acted on.
+fn audit_job(status: u16, job: Option<&str>) -> String {
+    match job {
+        Some(id) if status < 300 => format!(" job={}", clean_for_log(id)),
+        _ => String::new(),
+    }
+}
+
+/// Text from a client (a path, a certificate's subject) made safe for one
+/// log line: control characters and spaces replaced, at most 200
+/// characters.
+pub fn clean_for_log(text: &str) -> String {
+    let mut out: String =
+        text.chars().take(200).map(|c| if c.is_control() || c == ' ' { '_' } else { c }).collect();
+    if text.chars().count() > 200 {
+        out.push('…');
+    }
+    out
 }
 
 fn read_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, ApiError> {
@@ -260,10 +294,25 @@ pub fn reason_phrase(status: u16) -> &'static str {
         401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         409 => "Conflict",
         411 => "Length Required",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Internal Server Error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_log_text_is_one_line_and_bounded() {
+        assert_eq!(clean_for_log("/a b\nreq=forged"), "/a_b_req=forged");
+        let long = "x".repeat(500);
+        assert_eq!(clean_for_log(&long).chars().count(), 201);
+        assert_eq!(audit_job(202, Some("j1")), " job=j1");
+        assert_eq!(audit_job(404, Some("j1")), "");
     }
 }

@@ -4,8 +4,11 @@
 //!    `.sha256` sidecar); use the cache entry if there is one, else
 //!    download (or wait for the job already downloading the same URL),
 //!    verify and store it.
-//! 2. `inspecting`: `qemu-img info -f <image_type>`; refuse backing files,
-//!    external data files, encryption, and images larger than the volume.
+//! 2. `inspecting`: for qcow2 our own header reader and `qemu-img check`,
+//!    then `qemu-img info -f <image_type>` (see [`crate::inspect`]); refuse
+//!    backing files, external data files, encryption, corrupt or truncated
+//!    images, and images larger than the volume. An image refused for what
+//!    it is (not for its size) loses its cache entry.
 //! 3. `creating_volume`: create the volume, or reuse one that is not open.
 //! 4. `converting` (qcow2) or `copying` (raw): write the image.
 //! 5. `finalizing`: the volume is flushed to stable storage, then the job
@@ -182,7 +185,13 @@ impl Pipeline {
         self.enter(timer, Stage::Inspecting);
         let info = inspect::inspect(&image, req.image_type)
             .and_then(|info| inspect::check(&info, req.volume_bytes()).map(|()| info))
-            .map_err(|e| Stop::fail(Stage::Inspecting, chain(&e)))?;
+            .map_err(|e| {
+                let mut message = chain(&e);
+                if e.condemns_image() {
+                    message.push_str(&self.discard_refused(ctx, &image));
+                }
+                Stop::fail(Stage::Inspecting, message)
+            })?;
         check(Stage::CreatingVolume)?;
 
         self.enter(timer, Stage::CreatingVolume);
@@ -400,6 +409,25 @@ impl Pipeline {
             }
         }
         Err(Stop::fail(stage, "the shared download of this image failed repeatedly"))
+    }
+
+    /// Deletes the cache entry of an image that inspection refused for
+    /// what it is (not for its size), so that no later job, or a restart,
+    /// takes it for a good image. Returns a note for the job's error.
+    fn discard_refused(&self, ctx: &JobCtx, image: &std::path::Path) -> String {
+        let Some(digest) = image.file_stem().and_then(|s| s.to_str()) else {
+            return String::new();
+        };
+        match self.cache.purge(digest) {
+            Ok(_) => "; its cache entry was deleted".to_string(),
+            Err(e) => {
+                log::error!(
+                    "{ctx}: could not delete refused cache entry {}: {e}; remove it by hand",
+                    image.display()
+                );
+                format!("; deleting its cache entry failed: {e}")
+            }
+        }
     }
 
     fn use_entry(&self, id: JobId, entry: PathBuf, digest: &str, hit: bool) -> (PathBuf, u64) {

@@ -1076,6 +1076,37 @@ pub fn raw_https(daemon: &Daemon, pki: &Pki, bytes: &[u8]) -> RawReply {
     RawReply { status, headers, body: body.to_string() }
 }
 
+/// A TLS connection to the daemon with the handshake done, presenting the
+/// test client certificate: for tests that then misbehave at the HTTP
+/// level (trickle a request, stall).
+pub fn tls_connect(
+    daemon: &Daemon,
+    pki: &Pki,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(&pki.ca_cert).unwrap()).unwrap();
+    let chain = vec![CertificateDer::from_pem_file(&pki.client_cert).unwrap()];
+    let key = PrivateKeyDer::from_pem_file(&pki.client_key).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut tcp = TcpStream::connect(daemon.addr).unwrap();
+    tcp.set_read_timeout(Some(REQUEST_TIMEOUT)).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).unwrap_or_else(|e| panic!("TLS handshake: {e}"));
+    }
+    rustls::StreamOwned::new(conn, tcp)
+}
+
 // ---------------------------------------------------------------- Harness
 
 /// A test directory, certificates, an image server and a daemon with a
@@ -1270,6 +1301,31 @@ pub fn qcow2_to_raw(qcow2: &Path) -> PathBuf {
         .arg(qcow2)
         .arg(&raw));
     raw
+}
+
+/// A compressed qcow2 whose first compressed cluster is garbage: its
+/// header and tables are sound (the daemon's header reader and
+/// `qemu-img check` pass it), but `qemu-img convert` fails to inflate the
+/// data. For jobs that must fail while writing, after the volume exists.
+/// Without a sidecar.
+pub fn build_bad_data_qcow2(path: &Path) {
+    let text = path.with_extension("src.raw");
+    fs::write(&text, b"compressible line of text\n".repeat(120_000)).unwrap();
+    run(Command::new("qemu-img")
+        .args(["convert", "-q", "-c", "-f", "raw", "-O", "qcow2"])
+        .arg(&text)
+        .arg(path));
+    fs::remove_file(&text).unwrap();
+    let mut bytes = fs::read(path).unwrap();
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let l1 = be64(&bytes, 40) as usize;
+    let l2 = (be64(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let entry = be64(&bytes, l2);
+    assert!(entry & (1 << 62) != 0, "the first cluster is compressed");
+    // 64 KiB clusters: the host offset is in the low 54 bits.
+    let host = (entry & ((1 << 54) - 1)) as usize;
+    bytes[host..host + 64].fill(0xff);
+    fs::write(path, &bytes).unwrap();
 }
 
 /// A tiny empty qcow2 (16 MiB virtual) with its sidecar, for jobs that

@@ -1,0 +1,119 @@
+//! The audit trail, read from the real daemon's log: every request names
+//! its caller (certificate subject or token name, never the token), the
+//! remote address and the outcome; failed authentication names the reason
+//! and the remote address, at info, so nobody outside can flood warn or
+//! error.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+const JOB_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn mint_token(tokens: &std::path::Path, name: &str) -> String {
+    let out = run(Command::new(BIN).args(["token", "new", name, "--tokens"]).arg(tokens));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// The log lines that contain every one of `words`.
+fn lines_with<'a>(log: &'a str, words: &[&str]) -> Vec<&'a str> {
+    log.lines().filter(|l| words.iter().all(|w| l.contains(w))).collect()
+}
+
+#[track_caller]
+fn assert_one_line(log: &str, words: &[&str]) -> String {
+    let found = lines_with(log, words);
+    assert!(!found.is_empty(), "no log line with {words:?}:\n{log}");
+    found[0].to_string()
+}
+
+#[test]
+fn every_request_is_audited_with_its_caller_and_outcome() {
+    let dir = TestDir::new("audit");
+    let pki = Pki::create(&dir);
+    let tokens = dir.join("tokens");
+    fs::write(&tokens, "").unwrap();
+    let secret = mint_token(&tokens, "ci-pipeline");
+    let auth = Auth { client_ca: true, tokens: Some(tokens) };
+    let h = Harness::start_in(dir, pki, &auth, &[]);
+    let base = h.daemon.base_url();
+    build_tiny_qcow2(&h.image_dir().join("tiny.qcow2"));
+
+    // A job submitted with a token, and its status read with a certificate.
+    let ci = Api::new(base.clone(), h.pki.tls(None))
+        .with_header("Authorization", &format!("Bearer {secret}"));
+    let id = ci.submit(&h.request("tiny.qcow2", "vm-audit", 1, "qcow2"));
+    assert_eq!(h.api.wait_final(&id, JOB_TIMEOUT)["status"], "completed");
+    // A 404 for a job that does not exist, with a certificate.
+    let missing = "00000000-0000-4000-8000-000000000000";
+    assert_eq!(h.api.status(missing).status, 404);
+    // Failed authentication: a wrong token, and no credentials at all.
+    let wrong = Api::new(base.clone(), h.pki.tls(None))
+        .with_header("Authorization", "Bearer not-the-token-0000");
+    assert_eq!(wrong.request("GET", "/api/v1/jobs", None).status, 401);
+    let nobody = Api::new(base.clone(), h.pki.tls(None));
+    assert_eq!(nobody.request("DELETE", &format!("/api/v1/cancel/{id}"), None).status, 401);
+    // A certificate from another CA fails in the handshake.
+    let rogue = Api::new(base, h.pki.tls(Some(h.pki.other_client())));
+    assert!(rogue.try_request("GET", "/health", None).is_err());
+    // A request the front door refuses itself.
+    let mut tls = tls_connect(&h.daemon, &h.pki);
+    tls.write_all(b"POST /api/v1/provision HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .unwrap();
+    tls.flush().unwrap();
+    drop(tls);
+    // A connection straight to nowhere useful: plain bytes on the TLS port.
+    let mut plain = TcpStream::connect(h.daemon.addr).unwrap();
+    plain.write_all(b"GET /health HTTP/1.1\r\n\r\n").unwrap();
+    drop(plain);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let log = h.daemon.log_text();
+    let short = &id[..8];
+    // The submission: the token's name, the outcome and the job it made.
+    let line = assert_one_line(
+        &log,
+        &["peer=token:ci-pipeline", "from=127.0.0.1:", "POST /api/v1/provision 202", short],
+    );
+    assert!(line.contains(&format!("job={id}")), "{line}");
+    assert!(line.contains(" INFO") || line.contains("[INFO]"), "{line}");
+    // Reads with the certificate name its subject.
+    assert_one_line(&log, &["peer=cert:CN=test-client", &format!("/api/v1/status/{id} 200")]);
+    assert_one_line(&log, &["peer=cert:CN=test-client", &format!("/api/v1/status/{missing} 404")]);
+    // Authentication failures: reason and remote address.
+    assert_one_line(
+        &log,
+        &[
+            "peer=unauthenticated",
+            "from=127.0.0.1:",
+            "GET /api/v1/jobs 401",
+            "auth_failure=\"invalid API token\"",
+        ],
+    );
+    assert_one_line(
+        &log,
+        &["peer=unauthenticated", "DELETE /api/v1/cancel/", "401", "no client certificate"],
+    );
+    assert_one_line(&log, &["TLS handshake with 127.0.0.1:", "failed", "UnknownIssuer"]);
+    assert_one_line(&log, &["front door refused a request from 127.0.0.1:", "411"]);
+    assert_one_line(&log, &["TLS handshake with 127.0.0.1:", "failed", "corrupt message"]);
+
+    // The token itself appears nowhere, nor does any bearer header.
+    assert!(!log.contains(&secret), "the token was logged");
+    assert!(!log.contains("not-the-token-0000"), "a presented token was logged");
+    // What a remote party caused stays below warn.
+    for l in log.lines() {
+        let remote_caused = l.contains("TLS handshake with")
+            || l.contains("front door refused")
+            || l.contains("peer=unauthenticated");
+        if remote_caused {
+            assert!(!l.contains("WARN") && !l.contains("ERROR"), "at warn or error: {l}");
+        }
+    }
+}
