@@ -203,6 +203,10 @@ impl SourcePolicy {
     /// to it ourselves, but refuse it all the same when our own resolver
     /// says it lies in a denied network. A name we cannot resolve is left
     /// to the proxy.
+    ///
+    /// Known limitation: the proxy resolves the name again and may get
+    /// another answer (or resolve a name we cannot); what it then connects
+    /// to is outside this check.
     pub fn check_name(&self, host: &str, port: u16) -> Result<(), PolicyError> {
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         let Ok(addrs) = (bare, port).to_socket_addrs() else {

@@ -81,6 +81,9 @@ pub struct Header {
     pub l1_offset: u64,
     /// Whether every L2 table was read and checked (false past
     /// [`MAX_L2_SCAN_BYTES`] or with extended L2 entries).
+    ///
+    /// Known limitation: when false, data clusters are left to
+    /// `qemu-img check` alone.
     pub l2_checked: bool,
 }
 

@@ -136,6 +136,9 @@ impl S3Signer {
 
     /// Whether `url` is one this signer signs: an endpoint's origin and no
     /// query string (a presigned URL carries its own signature there).
+    ///
+    /// Known limitation: the origin must match exactly, so each
+    /// virtual-hosted bucket host needs an `--s3-endpoint` of its own.
     pub fn applies(&self, url: &str) -> bool {
         !url.contains('?') && origin(url).is_some_and(|o| self.endpoints.contains(&o))
     }

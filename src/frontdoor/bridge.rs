@@ -139,6 +139,9 @@ impl Bridge {
                 (false, Some(_)) => request_started = None,
                 _ => {}
             }
+            // Known limitation: these deadlines cover what the client sends.
+            // A client that reads its reply a byte at a time keeps the
+            // connection for as long as bytes move.
             let (deadline, what) = if handshaking {
                 (started + limits.handshake, "TLS handshake")
             } else {

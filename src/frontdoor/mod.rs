@@ -89,6 +89,9 @@ impl FrontDoor {
                 Ok(a) => a,
                 Err(_) => continue,
             };
+            // Known limitation: the cap is global, not per remote address, so
+            // one party holding stalled handshakes can keep others out for up
+            // to the handshake deadline (they get a 503 or a prompt close).
             let (counter, refuse) = if open.fetch_add(1, Ordering::SeqCst) < self.max_connections {
                 (Arc::clone(&open), None)
             } else {

@@ -225,6 +225,9 @@ fn handle(ctx: &Ctx, mut request: tiny_http::Request) {
         Ok(id) => (clean_for_log(&id.to_string()), String::new()),
         // A public probe needs no identity: not an authentication failure.
         Err(_) if public => ("anonymous".to_string(), String::new()),
+        // Known limitation: one line per failed request, not rate-limited;
+        // in token mode anyone who reaches the port can add lines at the
+        // rate the connection cap and deadlines allow.
         Err(e) => ("unauthenticated".to_string(), format!(" auth_failure={:?}", e.details)),
     };
     let remote = request

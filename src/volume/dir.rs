@@ -103,6 +103,10 @@ impl VolumeBackend for DirBackend {
     /// A file cannot carry an owner tag, so the journal's record that the
     /// job created (or was about to create) it is the proof. The job
     /// created the file with O_EXCL after seeing no file there.
+    ///
+    /// Known limitation: if someone replaced the file between the crash and
+    /// the restart, the replacement is removed; an LV's tag would have told
+    /// the two apart, a file has nothing equivalent.
     fn remove_after_restart(&self, name: &str, _job: &str) -> Result<bool, VolumeError> {
         let path = self.path(name);
         let shown = path.display().to_string();
