@@ -127,31 +127,32 @@ fi
 qpkgs=$(apt-get install -s --no-install-recommends qemu-system-x86 2>/dev/null |
     awk '/^Inst / { print $2 }')
 [ -n "$qpkgs" ] || qpkgs="qemu-system-x86 qemu-system-common qemu-system-data seabios"
-want_pkgs="$kpkg busybox-static $qpkgs"
+# (read -d '': the whole list, one package a line or not; it ends at EOF.)
+read -r -d '' -a want_pkgs <<<"$kpkg busybox-static $qpkgs" || true
 # The .deb file names apt would fetch now; downloads already here are kept.
 # (apt-get download --print-uris prints 'URI' FILE SIZE HASH, one a line,
 # and nothing for a file already in the current directory: so it runs in
 # an empty one.)
 uris() {
     mkdir -p "$work/empty"
-    (cd "$work/empty" && apt-get download --print-uris $want_pkgs 2>/dev/null)
+    (cd "$work/empty" && apt-get download --print-uris "${want_pkgs[@]}" 2>/dev/null)
 }
 want_files=$(uris | awk '{ print $2 }')
 if [ -z "$want_files" ]; then
     apt_refresh || unavailable "apt-get update failed"
     want_files=$(uris | awk '{ print $2 }')
 fi
-[ -n "$want_files" ] || unavailable "apt cannot find the packages $(echo $want_pkgs)"
+[ -n "$want_files" ] || unavailable "apt cannot find the packages ${want_pkgs[*]}"
 fetch=()
 for f in $want_files; do
     [ -s "$debs/$f" ] || fetch+=("$f")
 done
 if [ "${#fetch[@]}" -gt 0 ]; then
     say "downloading ${#fetch[@]} packages for the VM (kernel $kpkg, busybox, qemu)"
-    if ! (cd "$debs" && apt-get download -q $want_pkgs >/dev/null 2>&1); then
+    if ! (cd "$debs" && apt-get download -q "${want_pkgs[@]}" >/dev/null 2>&1); then
         apt_refresh || unavailable "apt-get update failed"
-        (cd "$debs" && apt-get download -q $want_pkgs >/dev/null 2>&1) \
-            || unavailable "apt-get download $want_pkgs failed"
+        (cd "$debs" && apt-get download -q "${want_pkgs[@]}" >/dev/null 2>&1) \
+            || unavailable "apt-get download ${want_pkgs[*]} failed"
     fi
 fi
 for f in $want_files; do
@@ -179,7 +180,7 @@ if [ "$(cat "$work/unpacked.stamp" 2>/dev/null)" != "$stamp" ]; then
 fi
 busybox_bin=$work/qroot/bin/busybox
 qemu=$work/qroot/usr/bin/qemu-system-x86_64
-vmlinuz=$(ls "$work"/kroot/boot/vmlinuz-* 2>/dev/null | head -n 1)
+vmlinuz=$(find "$work/kroot/boot" -name 'vmlinuz-*' 2>/dev/null | head -n 1)
 [ -x "$busybox_bin" ] || die "busybox-static did not unpack to $busybox_bin"
 [ -x "$qemu" ] || die "qemu-system-x86 did not unpack to $qemu"
 [ -n "$vmlinuz" ] || die "no kernel under $work/kroot/boot"
@@ -200,18 +201,19 @@ payload=$run_dir/payload
 mkdir -p "$payload/images" "$payload/certs"
 img=$payload/images
 mib=$((1 << 20))
-# src: 8 MiB of random data, a 112 MiB zero region, 8 MiB of random data.
+# src: 4 MiB of random data, a 56 MiB zero region, 4 MiB of random data.
 # As qcow2 the zero region is unallocated: a thin LV written from it must
-# stay sparse.
+# stay sparse. (Small, because busybox sha256sum in the VM is slow.)
 src_disk=$run_dir/src-disk.raw
-head -c $((8 * mib)) /dev/urandom >"$src_disk"
-truncate -s $((120 * mib)) "$src_disk"
-head -c $((8 * mib)) /dev/urandom >>"$src_disk"
+head -c $((4 * mib)) /dev/urandom >"$src_disk"
+truncate -s $((60 * mib)) "$src_disk"
+head -c $((4 * mib)) /dev/urandom >>"$src_disk"
 qemu-img convert -q -f raw -O qcow2 "$src_disk" "$img/src.qcow2"
-# A raw image with a 48 MiB zero region between 8 MiB of data at each end.
-head -c $((8 * mib)) /dev/urandom >"$img/src.raw"
-truncate -s $((56 * mib)) "$img/src.raw"
-head -c $((8 * mib)) /dev/urandom >>"$img/src.raw"
+# A raw image with a 40 MiB zero region between 4 MiB of data at each end.
+# Shorter than src: reprovisioning an LV that held src must zero the rest.
+head -c $((4 * mib)) /dev/urandom >"$img/src.raw"
+truncate -s $((44 * mib)) "$img/src.raw"
+head -c $((4 * mib)) /dev/urandom >>"$img/src.raw"
 # slow: about 194 MiB of random base64 text, compressed. Inflating it under
 # software emulation takes long enough to cancel the job mid-write.
 head -c $((144 * mib)) /dev/urandom | base64 -w 76 >"$run_dir/slow.raw"
@@ -236,14 +238,14 @@ for f in "$img"/*; do
     sha256sum "$f" | cut -d' ' -f1 >"$f.sha256"
 done
 # What the guest compares the LVs against; thin LVs may use the image's
-# 16 MiB of data plus 4 MiB for chunk rounding, far below the image's virtual size.
+# 8 MiB of data plus 4 MiB for chunk rounding, far below the virtual sizes.
 cat >"$payload/facts.env" <<EOF
 SRC_QCOW2_DISK_BYTES=$(stat -c %s "$src_disk")
 SRC_QCOW2_DISK_SHA256=$(sha256sum "$src_disk" | cut -d' ' -f1)
-SRC_QCOW2_MAX_THIN_BYTES=$((20 * mib))
+SRC_QCOW2_MAX_THIN_BYTES=$((12 * mib))
 SRC_RAW_BYTES=$(stat -c %s "$img/src.raw")
 SRC_RAW_SHA256=$(cut -d' ' -f1 "$img/src.raw.sha256")
-SRC_RAW_MAX_THIN_BYTES=$((20 * mib))
+SRC_RAW_MAX_THIN_BYTES=$((12 * mib))
 EOF
 rm -f "$src_disk" "$run_dir/bad.raw"
 scripts/make-certs.sh localhost "$payload/certs" >/dev/null
@@ -306,7 +308,8 @@ while [ "${#todo[@]}" -gt 0 ]; do
     have_mod[$p]=1
     mkdir -p "$root/lib/modules/$kver/$(dirname "$p")"
     cp "$kmods/$p" "$root/lib/modules/$kver/$p"
-    for d in $(grep -E "^$p:" "$kmods/modules.dep" | cut -d: -f2-); do todo+=("$d"); done
+    read -r -a deps <<<"$(grep -E "^$p:" "$kmods/modules.dep" | cut -d: -f2-)"
+    todo+=("${deps[@]}")
 done
 cp "$kmods"/modules.{dep,alias,symbols,builtin,order} "$root/lib/modules/$kver/"
 (cd "$root" && find . | "$busybox_bin" cpio -o -H newc 2>/dev/null) | gzip -1 >"$run_dir/initramfs.gz"
