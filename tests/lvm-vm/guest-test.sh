@@ -366,8 +366,10 @@ stop_daemon
 # ------------------------------------------------------------ thin pool
 
 step "thin pools"
+# Room for two pools: the LVs only the checks above needed go.
+lvremove -q -y "$VG/vm-near" "$VG/vm-small" "$VG/vm-open" "$VG/vm-keep" "$VG/vm-keep2" >/dev/null
 lvcreate -q -y --type thin-pool -L 1g -n pool "$VG" >/dev/null
-lvcreate -q -y --type thin-pool -L 64m --zero n -n pool-nz "$VG" >/dev/null
+lvcreate -q -y --type thin-pool -L 1200m --zero n -n pool-nz "$VG" >/dev/null
 # The exact report LvmBackend reads at start (pool_report_argv).
 lvs --reportformat json --units b --nosuffix -o lv_name,segtype,zero "$VG" |
     fixture lvs-pools.json
@@ -389,6 +391,24 @@ for pool in nosuch vm-raw; do
     esac
 done
 [ "$refused" -eq 2 ] && pass thin-pool-checked-at-start
+
+# `check` judges the pool the same way, and warns about one that does not
+# zero new chunks (a new thin LV in it would be written in full).
+check_thin() {
+    "$BIN" check -- --listen "127.0.0.1:$PORT" \
+        --tls-cert "$P/certs/server.crt" --tls-key "$P/certs/server.key" \
+        --client-ca "$P/certs/ca.crt" --backend lvm --volume-group "$VG" \
+        --cache-dir "$W/cache" --state-dir "$W/state" --thin-pool "$1" >"$W/check.out" 2>&1
+}
+if ! check_thin pool || ! grep -qx "ok: --thin-pool pool is a thin pool that zeroes new chunks" "$W/check.out"; then
+    fail check-judges-thin-pool "check --thin-pool pool: $(cat "$W/check.out")"
+elif ! check_thin pool-nz || ! grep -q "^warn: --thin-pool pool-nz: $VG/pool-nz does not zero new chunks" "$W/check.out"; then
+    fail check-judges-thin-pool "check --thin-pool pool-nz: $(cat "$W/check.out")"
+elif check_thin vm-raw || ! grep -q "^error: --thin-pool vm-raw: .* not a thin pool" "$W/check.out"; then
+    fail check-judges-thin-pool "check --thin-pool vm-raw: $(cat "$W/check.out")"
+else
+    pass check-judges-thin-pool
+fi
 
 start_daemon --thin-pool pool || finish
 
@@ -438,6 +458,28 @@ elif lv_exists vm-thin-fail; then
 else
     pass thin-failed-job-removes-its-lv
 fi
+stop_daemon
+
+# A pool that does not zero new chunks: a fresh thin LV in it must not be
+# taken to read as zeros, so the daemon writes the image's zeros and the
+# tail itself. The content must be right, and the LV fully provisioned.
+step "thin LV in a pool without zeroing"
+if start_daemon --thin-pool pool-nz; then
+    if ! provision vm-nz src.qcow2 qcow2 1; then
+        fail thin-nonzeroing-pool-written-in-full "job did not complete: $(cat "$W/job.err")"
+    elif ! why=$(holds vm-nz src.qcow2 qcow2); then
+        fail thin-nonzeroing-pool-written-in-full "$why"
+    else
+        pct=$(lv_field vm-nz data_percent)
+        step "vm-nz: $pct% of the thin LV provisioned"
+        if awk -v p="$pct" 'BEGIN { exit !(p >= 99) }'; then
+            pass thin-nonzeroing-pool-written-in-full
+        else
+            fail thin-nonzeroing-pool-written-in-full "only $pct% provisioned: zeros were skipped"
+        fi
+    fi
+fi
+
 # The exact report LvmBackend::find reads (lvs_argv), with thin LVs in it,
 # and the pool's fill for the record.
 lvs --reportformat json --units b --nosuffix \
