@@ -60,7 +60,8 @@ EXPECTED="junk-under-new-lvs qcow2-new tags raw-new reprovision reuse-within-tol
 wrong-size-refused open-lv-refused failed-job-removes-its-lv failed-job-keeps-other-lv
 cancel-removes-its-lv cancel-keeps-other-lv reserved-names-refused
 thin-pool-checked-at-start check-judges-thin-pool thin-stays-sparse thin-tags thin-raw-stays-sparse
-thin-failed-job-removes-its-lv thin-nonzeroing-pool-written-in-full"
+thin-failed-job-removes-its-lv restart-removes-half-written-lv
+thin-nonzeroing-pool-written-in-full"
 
 started=$(date +%s)
 say() { printf '==> lvm-vm [%ss] %s\n' "$(($(date +%s) - started))" "$*"; }

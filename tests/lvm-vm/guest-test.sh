@@ -297,26 +297,32 @@ else
     pass failed-job-keeps-other-lv
 fi
 
-# cancel_while_writing CHECK NAME: starts slow.qcow2 into NAME, cancels it
-# once it is converting, and leaves the job's last status in $W/job.json.
-cancel_while_writing() {
+# start_slow_job NAME: submits slow.qcow2 into NAME and returns once the
+# job is converting (so its LV exists); the job id is left in $job. Prints
+# why not, on failure.
+start_slow_job() {
     job=$(lvp provision --image-url "$IMAGES/slow.qcow2" --image-type qcow2 \
-        --volume-name "$2" --volume-size-gb 1 2>"$W/job.err")
+        --volume-name "$1" --volume-size-gb 1 2>"$W/job.err")
     [ -n "$job" ] || { echo "submission failed: $(cat "$W/job.err")"; return 1; }
     n=0
     stage=
     while [ "$n" -lt 600 ]; do
         lvp status "$job" >"$W/job.json" 2>/dev/null
         stage=$(field stage "$W/job.json")
-        [ "$stage" = converting ] && break
+        [ "$stage" = converting ] && return 0
         case $(field status "$W/job.json") in completed | failed | cancelled) break ;; esac
         sleep 0.2
         n=$((n + 1))
     done
-    if [ "$stage" != converting ]; then
-        echo "the job never showed stage converting (status $(field status "$W/job.json"), stage $stage)"
-        return 1
-    fi
+    echo "the job never showed stage converting (status $(field status "$W/job.json")," \
+        "stage $stage)"
+    return 1
+}
+
+# cancel_while_writing NAME: starts slow.qcow2 into NAME, cancels it once
+# it is converting, and leaves the job's last status in $W/job.json.
+cancel_while_writing() {
+    start_slow_job "$1" || return 1
     lvp cancel "$job" 2>"$W/job.err" || { echo "cancel refused: $(cat "$W/job.err")"; return 1; }
     lvp status "$job" --wait >"$W/job.json" 2>"$W/job.err"
     if [ "$(field status "$W/job.json")" != cancelled ]; then
@@ -327,7 +333,7 @@ cancel_while_writing() {
 }
 
 step "a job cancelled while it writes"
-if ! why=$(cancel_while_writing cancel-removes-its-lv vm-cancel); then
+if ! why=$(cancel_while_writing vm-cancel); then
     fail cancel-removes-its-lv "$why"
 elif ! grep -q "created logical volume $VG/vm-cancel" "$W/daemon.log"; then
     fail cancel-removes-its-lv "the job never created vm-cancel"
@@ -337,7 +343,7 @@ else
     pass cancel-removes-its-lv
 fi
 lvcreate -q -y -n vm-keep2 -L 1g "$VG" >/dev/null
-if ! why=$(cancel_while_writing cancel-keeps-other-lv vm-keep2); then
+if ! why=$(cancel_while_writing vm-keep2); then
     fail cancel-keeps-other-lv "$why"
 elif ! lv_exists vm-keep2; then
     fail cancel-keeps-other-lv "the daemon removed vm-keep2, which it did not create"
@@ -468,6 +474,31 @@ elif lv_exists vm-thin-fail; then
 else
     pass thin-failed-job-removes-its-lv
 fi
+# A daemon killed mid-write (a crash, an OOM kill): after the restart the
+# journal marks the job failed, and the LV it created, which carries its
+# job tag, is removed before the daemon serves again.
+step "a daemon killed while it writes, then restarted"
+if ! start_slow_job vm-crash >"$W/why"; then
+    fail restart-removes-half-written-lv "$(cat "$W/why")"
+else
+    kill -KILL "$daemon_pid"
+    wait "$daemon_pid" 2>/dev/null
+    daemon_pid=
+    if ! lv_exists vm-crash; then
+        fail restart-removes-half-written-lv "vm-crash did not exist when the daemon was killed"
+    elif start_daemon --thin-pool pool; then
+        lvp status "$job" >"$W/job.json" 2>"$W/job.err"
+        if [ "$(field status "$W/job.json")" != failed ]; then
+            fail restart-removes-half-written-lv \
+                "after the restart job $job is '$(field status "$W/job.json")', not failed"
+        elif lv_exists vm-crash; then
+            fail restart-removes-half-written-lv "vm-crash is still there after the restart"
+        else
+            pass restart-removes-half-written-lv
+        fi
+    fi
+fi
+
 stop_daemon
 
 # A pool that does not zero new chunks: a fresh thin LV in it must not be
