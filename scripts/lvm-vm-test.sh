@@ -38,7 +38,8 @@
 #
 # Environment: LVM_VM_DIR (work directory, default target/lvm-vm; downloads
 # are kept there between runs), LVM_VM_TIMEOUT (seconds for the VM,
-# default 600), LVM_VM_MEM (MiB, default 1536), LVM_VM_SMP (default 2).
+# default 600), LVM_VM_MEM (MiB, default 1536), LVM_VM_SMP (default 2),
+# LVM_VM_APPEND (more kernel command line words, e.g. loglevel=7).
 # Needs root (apt-get, and the host's lvm2 binaries are copied as they
 # are). Exit status: 0 all checks passed (or skipped outside CI), 1 a check
 # failed or the VM did not finish, 2 a set-up step failed.
@@ -52,6 +53,7 @@ work=${LVM_VM_DIR:-$repo/target/lvm-vm}
 vm_timeout=${LVM_VM_TIMEOUT:-600}
 vm_mem=${LVM_VM_MEM:-1536}
 vm_smp=${LVM_VM_SMP:-2}
+vm_append=${LVM_VM_APPEND:-}
 bin=${CARGO_TARGET_DIR:-$repo/target}/release/libvirt-volume-provisioner
 guest_src=$repo/tests/lvm-vm
 
@@ -116,7 +118,7 @@ debs=$work/debs
 mkdir -p "$debs"
 kernel_pkg() {
     apt-cache depends linux-image-amd64 2>/dev/null |
-        awk '/Depends: linux-image-[0-9]/ { print $2; exit }'
+        awk '/Depends: linux-image-[0-9]/ && !k { k = $2 } END { print k }'
 }
 # (`|| true`: under pipefail a failing apt would end the script here,
 # before it could say why.)
@@ -183,7 +185,7 @@ if [ "$(cat "$work/unpacked.stamp" 2>/dev/null)" != "$stamp" ]; then
 fi
 busybox_bin=$work/qroot/bin/busybox
 qemu=$work/qroot/usr/bin/qemu-system-x86_64
-vmlinuz=$(find "$work/kroot/boot" -name 'vmlinuz-*' 2>/dev/null | head -n 1)
+vmlinuz=$(find "$work/kroot/boot" -name 'vmlinuz-*' -print -quit 2>/dev/null)
 [ -x "$busybox_bin" ] || die "busybox-static did not unpack to $busybox_bin"
 [ -x "$qemu" ] || die "qemu-system-x86 did not unpack to $qemu"
 [ -n "$vmlinuz" ] || die "no kernel under $work/kroot/boot"
@@ -294,7 +296,9 @@ with_libs "$qemu_img"
 # The daemon itself travels on the payload disk.
 libs_of "$bin"
 # glibc loads libgcc_s at run time (thread cancellation, unwinding).
-libgcc=$(ldconfig -p | awk '/libgcc_s.so.1 .*x86-64/ { print $NF; exit }')
+# (awk reads to the end: a reader that quits early gets ldconfig killed by
+# SIGPIPE, which pipefail and set -e turn into a silent exit 141.)
+libgcc=$(ldconfig -p | awk '/libgcc_s.so.1 .*x86-64/ && !l { l = $NF } END { print l }')
 [ -n "$libgcc" ] && { mkdir -p "$root$(dirname "$libgcc")"; cp -L "$libgcc" "$root$libgcc"; }
 # Kernel modules and everything they depend on, from modules.dep.
 declare -A have_mod=()
@@ -338,7 +342,7 @@ LD_LIBRARY_PATH=$work/qroot/usr/lib/x86_64-linux-gnu:$work/qroot/lib/x86_64-linu
     -accel tcg -smp "$vm_smp" -m "$vm_mem" -nodefaults -no-reboot -display none \
     -nic none -monitor none -serial stdio \
     -kernel "$vmlinuz" -initrd "$run_dir/initramfs.gz" \
-    -append "console=ttyS0 panic=-1 loglevel=4" \
+    -append "console=ttyS0 panic=-1 loglevel=4 $vm_append" \
     -drive "file=$run_dir/pv.img,format=raw,if=none,id=pv,cache=unsafe,discard=unmap" \
     -device virtio-blk-pci,drive=pv,serial=lvpvm-pv \
     -drive "file=$run_dir/payload.img,format=raw,if=none,id=payload,readonly=on" \
