@@ -92,6 +92,15 @@ fn check(serve: &Serve, now: i64) -> Vec<Finding> {
                 config.backend.kind(),
                 config.auth_summary
             )));
+            if let Some(pool) = &serve.thin_pool {
+                let warnings = config.backend.warnings();
+                if warnings.is_empty() {
+                    findings.push(Finding::Ok(format!(
+                        "--thin-pool {pool} is a thin pool that zeroes new chunks"
+                    )));
+                }
+                findings.extend(warnings.into_iter().map(Finding::Warn));
+            }
             findings.push(Finding::Ok(format!(
                 "--cache-dir {} is writable",
                 config.cache_dir.display()

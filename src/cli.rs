@@ -58,6 +58,10 @@ pub struct Serve {
     #[argh(option)]
     pub volume_group: Option<String>,
 
+    /// thin pool in --volume-group for new volumes, made thin (lvm backend)
+    #[argh(option)]
+    pub thin_pool: Option<String>,
+
     /// directory that holds the volumes as raw files (dir backend)
     #[argh(option)]
     pub volume_dir: Option<String>,
@@ -424,6 +428,7 @@ mod tests {
         assert_eq!((s.download_retries, s.retry_delay), (4, 1));
         assert_eq!((s.keep_jobs, s.keep_job_hours, s.shutdown_grace), (10_000, 168, 60));
         assert_eq!((s.cache_max_gb, s.verify_cache), (None, false));
+        assert_eq!(s.thin_pool, None, "plain LVs unless a thin pool is named");
     }
 
     #[test]
@@ -444,6 +449,8 @@ mod tests {
             "dir",
             "--volume-group",
             "vg",
+            "--thin-pool",
+            "pool",
             "--volume-dir",
             "vd",
             "--cache-dir",
@@ -490,6 +497,7 @@ mod tests {
         assert!(s.plain_http && s.require_digest);
         assert_eq!(s.backend, "dir");
         assert_eq!(s.volume_group.as_deref(), Some("vg"));
+        assert_eq!(s.thin_pool.as_deref(), Some("pool"));
         assert_eq!(s.volume_dir.as_deref(), Some("vd"));
         assert_eq!((s.cache_dir.as_str(), s.state_dir.as_str()), ("cd", "sd"));
         assert_eq!((s.workers, s.queue, s.max_connections), (3, 4, 5));

@@ -252,13 +252,20 @@ impl Config {
         note(writable_dir("--state-dir", &state_dir));
         note(qemu_img_present());
 
+        if cli.thin_pool.is_some() && cli.backend != "lvm" {
+            problems.push(format!(
+                "--thin-pool needs --backend lvm: it names a thin pool in --volume-group, and \
+                 --backend {} has none",
+                cli.backend
+            ));
+        }
         let backend: Option<Box<dyn VolumeBackend>> = match cli.backend.as_str() {
             "lvm" => match &cli.volume_group {
                 None => {
                     problems.push("--backend lvm needs --volume-group".into());
                     None
                 }
-                Some(vg) => match LvmBackend::open(vg) {
+                Some(vg) => match LvmBackend::open(vg, cli.thin_pool.as_deref()) {
                     Ok(b) => Some(Box::new(b)),
                     Err(e) => {
                         problems.push(e);

@@ -230,3 +230,21 @@ fn serve_flags_without_the_separator_are_a_usage_error_with_a_hint() {
     assert!(stderr.contains("Unrecognized argument: --backend"), "{stderr}");
     assert!(stderr.contains("check -- --backend"), "the hint shows the separator: {stderr}");
 }
+
+/// `--thin-pool` names a pool in the LVM volume group; with the dir
+/// backend there is none, and saying so beats ignoring the flag.
+#[test]
+fn check_refuses_a_thin_pool_without_the_lvm_backend() {
+    let dir = TestDir::new("check-thin-pool-dir");
+    let pki = Pki::create(&dir);
+    let mut args = serve_flags(&dir, &pki, free_port());
+    args.extend(["--thin-pool".to_string(), "pool".to_string()]);
+    let (code, lines) = check(&args);
+    assert_eq!(code, 1, "{lines:#?}");
+    let errors = lines_starting(&lines, "error: ");
+    assert_eq!(errors.len(), 1, "{lines:#?}");
+    assert!(
+        errors[0].starts_with("error: --thin-pool needs --backend lvm: it names a thin pool in"),
+        "{lines:#?}"
+    );
+}

@@ -1,8 +1,9 @@
 //! The LVM backend end to end, against a real volume group. It runs only
 //! where device-mapper exists and `LVP_TEST_VG` names a volume group the
 //! test may create and remove logical volumes in; elsewhere it says why it
-//! skipped. (The development machines and CI have no device-mapper; see
-//! src/volume/lvm.rs for the tests on real `lvs`/`vgs` output.)
+//! skipped. (The development machines and CI have no device-mapper; there
+//! `scripts/lvm-vm-test.sh` runs the daemon against real LVM inside a qemu
+//! VM, and src/volume/lvm.rs tests the real `lvs`/`vgs` output.)
 
 mod common;
 
@@ -28,7 +29,10 @@ fn skip_reason() -> Option<String> {
 #[test]
 fn lvm_volume_holds_the_image_and_carries_our_tags() {
     if let Some(reason) = skip_reason() {
-        eprintln!("skipping lvm_volume_holds_the_image_and_carries_our_tags: {reason}");
+        eprintln!(
+            "skipping lvm_volume_holds_the_image_and_carries_our_tags: {reason}; \
+             scripts/lvm-vm-test.sh covers the LVM backend in a VM instead"
+        );
         return;
     }
     let vg = std::env::var("LVP_TEST_VG").unwrap();

@@ -36,6 +36,12 @@ pub trait VolumeBackend: Send + Sync {
     /// when it cannot.
     fn check(&self) -> Result<(), String>;
 
+    /// Settings that work but cost the operator something (a thin pool
+    /// that does not zero new chunks), one sentence each, for `check`.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// How logs and errors name the volume: `vg0/vm-1` or a file path.
     fn describe(&self, name: &str) -> String;
 
