@@ -143,7 +143,10 @@ fn signed_downloads_from_a_private_bucket() {
 
     // The same key with a wrong secret, from the environment this time:
     // the bucket refuses the signature and the job says so.
-    let wrong = format!("{}x", &bucket.secret[..bucket.secret.len() - 1]);
+    // Change the last character to one it is not, so the secret really differs.
+    let (head, last) = bucket.secret.split_at(bucket.secret.len() - 1);
+    let wrong = format!("{head}{}", if last == "x" { "y" } else { "x" });
+    assert_ne!(wrong, bucket.secret);
     let other = TestDir::new("s3-wrong-secret");
     let daemon = Daemon::start_env(
         &other,
