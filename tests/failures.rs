@@ -140,6 +140,23 @@ fn symlink_in_the_volume_dir_is_refused_and_its_target_untouched() {
 }
 
 #[test]
+fn hard_link_in_the_volume_dir_is_refused_and_its_other_name_untouched() {
+    let h = Harness::start("hardlink", &[]);
+    build_tiny_qcow2(&h.image_dir().join("tiny.qcow2"));
+    let target = h.dir.mkdir("host").join("important.raw");
+    let content = pseudo_random(MIB as usize, 52);
+    fs::write(&target, &content).unwrap();
+    fs::create_dir_all(&h.daemon.volume_dir).unwrap();
+    fs::hard_link(&target, h.daemon.volume("vm-hard")).unwrap();
+
+    let id = h.api.submit(&h.request("tiny.qcow2", "vm-hard", 1, "qcow2"));
+    let status = h.api.wait_final(&id, JOB_TIMEOUT);
+    assert_failed(&status, "creating_volume", &["hard links"]);
+    assert!(fs::read(&target).unwrap() == content, "the file's other name must not change");
+    assert!(h.daemon.volume("vm-hard").exists(), "a file the job did not create stays");
+}
+
+#[test]
 fn open_volume_is_never_overwritten() {
     let h = Harness::start("open-volume", &[]);
     build_tiny_qcow2(&h.image_dir().join("tiny.qcow2"));

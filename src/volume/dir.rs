@@ -4,10 +4,14 @@
 //! zeros and zero blocks need not be written. An existing file is reused
 //! when its size is close enough and no process has it open (checked in
 //! `/proc/*/fd`, which as root sees every process, a qemu VM included).
+//!
+//! Only a plain file with one name is written: a symbolic link or a second
+//! hard link could point the write at a file outside the directory, and an
+//! open file is recognised by its inode, whatever name its holder used.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::{size_is_reusable, Volume, VolumeBackend, VolumeError};
@@ -59,6 +63,10 @@ impl VolumeBackend for DirBackend {
                 }
                 if !meta.is_file() {
                     return Err(VolumeError::not_a_volume(&shown, "not a regular file"));
+                }
+                if meta.nlink() > 1 {
+                    let what = format!("a file with {} hard links (names elsewhere)", meta.nlink());
+                    return Err(VolumeError::not_a_volume(&shown, &what));
                 }
                 if is_open(&path).map_err(|e| VolumeError::backend(&shown, "look up", e))? {
                     return Err(VolumeError::in_use(&shown));
@@ -130,10 +138,13 @@ impl VolumeBackend for DirBackend {
     }
 }
 
-/// Whether any process holds `path` open, judged from `/proc/*/fd`.
-/// Processes we may not inspect are skipped (as root there are none).
+/// Whether any process holds the file at `path` open, judged from
+/// `/proc/*/fd` by device and inode, so a holder that opened it under
+/// another name (since removed) counts too. Processes we may not inspect
+/// are skipped (as root there are none).
 pub fn is_open(path: &Path) -> io::Result<bool> {
-    let target = path.canonicalize()?;
+    let meta = fs::metadata(path)?;
+    let target = (meta.dev(), meta.ino());
     for proc_entry in fs::read_dir("/proc")? {
         let Ok(proc_entry) = proc_entry else { continue };
         let name = proc_entry.file_name();
@@ -144,7 +155,8 @@ pub fn is_open(path: &Path) -> io::Result<bool> {
             continue;
         };
         for fd in fds.flatten() {
-            if fs::read_link(fd.path()).is_ok_and(|link| link == target) {
+            // stat through the /proc link reaches the open file itself.
+            if fs::metadata(fd.path()).is_ok_and(|m| (m.dev(), m.ino()) == target) {
                 return Ok(true);
             }
         }
@@ -180,6 +192,34 @@ mod tests {
         assert_eq!(err.kind, VolumeErrorKind::SizeMismatch);
 
         let _held = File::open(&v.path).unwrap();
+        let err = b.prepare("vm-1", 1 << 20, "j", &mut || Ok(())).unwrap_err();
+        assert_eq!(err.kind, VolumeErrorKind::InUse, "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_second_hard_link_is_refused_and_its_file_untouched() {
+        let (b, dir) = backend("hardlink");
+        let outside = dir.with_extension("outside");
+        fs::write(&outside, vec![7u8; 1 << 20]).unwrap();
+        fs::hard_link(&outside, dir.join("evil")).unwrap();
+        let err = b.prepare("evil", 1 << 20, "j", &mut || Ok(())).unwrap_err();
+        assert_eq!(err.kind, VolumeErrorKind::NotAVolume);
+        assert!(err.to_string().contains("hard links"), "{err}");
+        assert_eq!(fs::read(&outside).unwrap(), vec![7u8; 1 << 20]);
+        fs::remove_file(&outside).unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_file_held_open_under_a_removed_name_is_open() {
+        let (b, dir) = backend("heldname");
+        let v = b.prepare("vm-1", 1 << 20, "j", &mut || Ok(())).unwrap();
+        let other = dir.join("other-name");
+        fs::hard_link(&v.path, &other).unwrap();
+        let _held = File::open(&other).unwrap();
+        fs::remove_file(&other).unwrap();
+        assert!(is_open(&v.path).unwrap(), "held through a name that is gone");
         let err = b.prepare("vm-1", 1 << 20, "j", &mut || Ok(())).unwrap_err();
         assert_eq!(err.kind, VolumeErrorKind::InUse, "{err}");
         fs::remove_dir_all(&dir).unwrap();
