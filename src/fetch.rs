@@ -250,6 +250,19 @@ impl Fetcher {
             if !next.starts_with("http://") && !next.starts_with("https://") {
                 return Err(redirect(format!("refusing a redirect to {}", redact(&next))));
             }
+            // The same rule as for a submitted image_url: credentials in a
+            // URL would be sent as Basic auth to whoever the hop names.
+            let with_userinfo = next
+                .parse::<Uri>()
+                .ok()
+                .and_then(|u| u.authority().map(|a| a.as_str().contains('@')))
+                .unwrap_or(true);
+            if with_userinfo {
+                return Err(redirect(format!(
+                    "refusing a redirect to {} (credentials in a URL, or not a valid URL)",
+                    redact_userinfo(&redact(&next))
+                )));
+            }
             if current.starts_with("https:") && !next.starts_with("https:") {
                 return Err(redirect(format!(
                     "refusing a redirect from https to {}",

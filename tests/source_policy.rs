@@ -179,3 +179,20 @@ fn metadata_addresses_are_refused_by_default_even_through_a_proxy() {
     }
     assert_eq!(proxy.connections(), 0, "the proxy was asked to reach a link-local address");
 }
+
+#[test]
+fn redirect_to_a_url_with_credentials_is_not_followed() {
+    // A submitted image_url may not carry user:password@; a hop may not
+    // either, or the daemon would send them as Basic auth to the target.
+    let h = start("policy-redirect-userinfo", &|_| vec![]);
+    let target = Listener::start("127.0.0.1", None);
+    let location = target.url("x.raw").replacen("http://", "http://user:s3cret@", 1);
+    let redirector = Listener::redirect_to(&location);
+    let id = h.api.submit(&raw_job(&redirector.url("start.raw"), "vm-userinfo"));
+    let status = h.api.wait_final(&id, JOB_TIMEOUT);
+    let error = assert_failed_with(&status, &["downloading", "refusing a redirect", "credentials"]);
+    assert!(!error.contains("s3cret"), "the password is in the error: {error}");
+    assert!(redirector.connections() >= 1, "the first hop was requested");
+    assert_eq!(target.connections(), 0, "the credentialed target was contacted");
+    assert!(!h.daemon.volume("vm-userinfo").exists());
+}

@@ -33,8 +33,8 @@ const MAX_CORRELATION_BYTES: usize = 256;
 
 /// Substrings LVM reserves for its internal volumes.
 const LVM_RESERVED_PARTS: &[&str] = &[
-    "_cdata", "_cmeta", "_corig", "_cpool", "_cvol", "_iorig", "_mimage", "_mlog", "_pmspare",
-    "_rimage", "_rmeta", "_tdata", "_tmeta", "_vdata", "_vorigin", "_wcorig",
+    "_cdata", "_cmeta", "_corig", "_cpool", "_cvol", "_imeta", "_iorig", "_mimage", "_mlog",
+    "_pmspare", "_rimage", "_rmeta", "_tdata", "_tmeta", "_vdata", "_vorigin", "_wcorig",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -369,6 +369,8 @@ mod tests {
             "snapshot1",
             "pvmove0",
             "x_tmeta",
+            "x_imeta",
+            "x_iorig",
             "é",
         ] {
             assert!(check_volume_name(bad).is_err(), "{bad:?} must be refused");
