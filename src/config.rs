@@ -280,11 +280,18 @@ impl Config {
                 }
                 Some(dir) => {
                     let dir = PathBuf::from(dir);
-                    let same = fs::canonicalize(&dir)
-                        .ok()
-                        .is_some_and(|d| fs::canonicalize(&cache_dir).ok().is_some_and(|c| c == d));
-                    if same {
-                        problems.push("--volume-dir must not be the --cache-dir".into());
+                    // A volume named like a cache entry or the journal would
+                    // overwrite it: the directories must differ.
+                    let same_as = |other: &PathBuf| {
+                        fs::canonicalize(&dir)
+                            .ok()
+                            .is_some_and(|d| fs::canonicalize(other).ok().is_some_and(|o| o == d))
+                    };
+                    let clash = [("--cache-dir", &cache_dir), ("--state-dir", &state_dir)]
+                        .into_iter()
+                        .find(|(_, other)| same_as(other));
+                    if let Some((flag, _)) = clash {
+                        problems.push(format!("--volume-dir must not be the {flag}"));
                         None
                     } else {
                         match writable_dir("--volume-dir", &dir).and_then(|()| {

@@ -168,6 +168,27 @@ fn check_reports_each_problem_of_a_bad_config_on_its_own_line() {
 }
 
 #[test]
+fn volume_dir_may_be_neither_the_cache_nor_the_state_dir() {
+    let dir = TestDir::new("check-dirs-clash");
+    let pki = Pki::create(&dir);
+    let args = serve_flags(&dir, &pki, free_port());
+    let value = |flag: &str| {
+        let at = args.iter().position(|a| a == flag).unwrap();
+        PathBuf::from(&args[at + 1])
+    };
+    for flag in ["--state-dir", "--cache-dir"] {
+        let mut clash = args.clone();
+        let shared = value(flag);
+        fs::create_dir_all(&shared).unwrap();
+        set(&mut clash, "--volume-dir", &shared);
+        let (code, lines) = check(&clash);
+        assert_eq!(code, 1, "{lines:#?}");
+        let want = format!("error: --volume-dir must not be the {flag}");
+        assert!(lines.iter().any(|l| l.starts_with(&want)), "{want}: {lines:#?}");
+    }
+}
+
+#[test]
 fn check_reports_unparseable_serve_flags() {
     let (code, lines) = check(&["--workers".to_string(), "two".to_string()]);
     assert_eq!(code, 1);
