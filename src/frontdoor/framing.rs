@@ -127,9 +127,13 @@ fn body_length(head: &[u8]) -> Result<u64, ApiError> {
             ));
         }
         if name.eq_ignore_ascii_case("content-length") {
-            let n: u64 = value
-                .parse()
-                .map_err(|_| ApiError::invalid_request(format!("bad Content-Length {value:?}")))?;
+            // Digits only (RFC 9110): Rust's parse would also take "+2",
+            // which another parser in the path might read differently.
+            let bad = || ApiError::invalid_request(format!("bad Content-Length {value:?}"));
+            if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
+            }
+            let n: u64 = value.parse().map_err(|_| bad())?;
             if length.is_some_and(|m| m != n) {
                 return Err(ApiError::invalid_request("conflicting Content-Length headers"));
             }
@@ -191,5 +195,7 @@ mod tests {
         assert_eq!(feed_all(&[big.as_bytes()]).unwrap_err().code, "body_too_large");
         let junk = b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n";
         assert_eq!(feed_all(&[junk]).unwrap_err().status, 400);
+        let signed = b"POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\nx";
+        assert_eq!(feed_all(&[signed]).unwrap_err().details, "bad Content-Length \"+1\"");
     }
 }
