@@ -92,6 +92,7 @@ fn check(serve: &Serve, now: i64) -> Vec<Finding> {
                 config.backend.kind(),
                 config.auth_summary
             )));
+            findings.extend(config.warnings.iter().cloned().map(Finding::Warn));
             if let Some(pool) = &serve.thin_pool {
                 let warnings = config.backend.warnings();
                 if warnings.is_empty() {

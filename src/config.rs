@@ -51,6 +51,9 @@ pub struct Config {
     pub cache_max_bytes: Option<u64>,
     pub verify_cache: bool,
     pub auth_summary: String,
+    /// Settings that work but probably do not do what was meant; `serve`
+    /// logs them at warn, `check` prints them.
+    pub warnings: Vec<String>,
     /// Where downloads may go and whom they trust (policy, roots, proxies,
     /// S3 signing); `stall` and `retry` are filled from the fields above.
     pub sources: SourceSettings,
@@ -324,6 +327,20 @@ impl Config {
             (false, _) => "API token required",
         }
         .to_string();
+        let mut warnings = Vec::new();
+        // With mutual TLS alone a client without a certificate fails the
+        // handshake, before any path is read: the probes cannot be public.
+        let certificate_required = cli.client_ca.is_some() && tokens.is_none() && !cli.plain_http;
+        for (set, flag) in
+            [(cli.public_health, "--public-health"), (cli.public_metrics, "--public-metrics")]
+        {
+            if set && certificate_required {
+                warnings.push(format!(
+                    "{flag} has no effect with --client-ca alone: a client without a \
+                     certificate fails the TLS handshake first (add --tokens to let it connect)"
+                ));
+            }
+        }
         Ok(Config {
             listen: listen.expect("checked above"),
             tls,
@@ -355,6 +372,7 @@ impl Config {
             cache_max_bytes: cli.cache_max_gb.map(|gb| gb << 30),
             verify_cache: cli.verify_cache,
             auth_summary,
+            warnings,
             sources: sources.expect("checked above"),
         })
     }

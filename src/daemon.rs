@@ -32,6 +32,9 @@ const ROLLBACK_GRACE: Duration = Duration::from_secs(60);
 /// error only for a fatal start-up problem.
 pub fn run(config: Config) -> Result<(), String> {
     let started = Instant::now();
+    for warning in &config.warnings {
+        log::warn!("{warning}");
+    }
     // Two daemons on one state or cache directory would sweep each other's
     // downloads and replay each other's journal: refuse the second.
     // Held until the process exits.

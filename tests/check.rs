@@ -189,6 +189,19 @@ fn volume_dir_may_be_neither_the_cache_nor_the_state_dir() {
 }
 
 #[test]
+fn public_probes_with_mutual_tls_alone_are_a_warning() {
+    let dir = TestDir::new("check-public-mtls");
+    let pki = Pki::create(&dir);
+    let mut args = serve_flags(&dir, &pki, free_port());
+    args.push("--public-health".into());
+    let (code, lines) = check(&args);
+    assert_eq!(code, 0, "a warning alone does not fail the check: {lines:#?}");
+    let warns = lines_starting(&lines, "warn: ");
+    assert_eq!(warns.len(), 1, "{lines:#?}");
+    assert!(warns[0].starts_with("warn: --public-health has no effect with --client-ca alone"));
+}
+
+#[test]
 fn check_reports_unparseable_serve_flags() {
     let (code, lines) = check(&["--workers".to_string(), "two".to_string()]);
     assert_eq!(code, 1);
