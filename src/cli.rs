@@ -106,6 +106,10 @@ pub struct Serve {
     #[argh(option, default = "60")]
     pub idle_timeout: u64,
 
+    /// seconds a request may take to arrive whole from its first byte (default 10)
+    #[argh(option, default = "10")]
+    pub request_timeout: u64,
+
     /// seconds without a byte before an image download fails (default 60)
     #[argh(option, default = "60")]
     pub download_timeout: u64,
@@ -424,6 +428,7 @@ mod tests {
         assert_eq!(s.log_level, "info");
         assert!(!s.plain_http && !s.require_digest);
         assert_eq!((s.max_connections, s.handshake_timeout, s.idle_timeout), (128, 10, 60));
+        assert_eq!(s.request_timeout, 10);
         assert_eq!(s.download_timeout, 60);
         assert_eq!((s.download_retries, s.retry_delay), (4, 1));
         assert_eq!((s.keep_jobs, s.keep_job_hours, s.shutdown_grace), (10_000, 168, 60));

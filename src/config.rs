@@ -44,6 +44,7 @@ pub struct Config {
     pub max_connections: usize,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
+    pub request_timeout: Duration,
     pub download_timeout: Duration,
     pub retry: crate::fetch::RetryPolicy,
     pub retention: crate::jobs::table::Retention,
@@ -183,6 +184,7 @@ impl Config {
         note(range("--max-connections", cli.max_connections, 1, MAX_CONNECTIONS));
         note(range("--handshake-timeout", cli.handshake_timeout as usize, 1, 3600));
         note(range("--idle-timeout", cli.idle_timeout as usize, 1, 86_400));
+        note(range("--request-timeout", cli.request_timeout as usize, 1, 3600));
         note(range("--download-timeout", cli.download_timeout as usize, 1, 86_400));
         note(range("--http-threads", cli.http_threads, 2, 256));
         note(range("--download-retries", cli.download_retries as usize, 0, 100));
@@ -359,6 +361,7 @@ impl Config {
             max_connections: cli.max_connections,
             handshake_timeout: Duration::from_secs(cli.handshake_timeout),
             idle_timeout: Duration::from_secs(cli.idle_timeout),
+            request_timeout: Duration::from_secs(cli.request_timeout),
             download_timeout: Duration::from_secs(cli.download_timeout),
             retry: crate::fetch::RetryPolicy {
                 retries: cli.download_retries,

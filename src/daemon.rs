@@ -122,7 +122,11 @@ pub fn run(config: Config) -> Result<(), String> {
         tls: config.tls,
         backend: backend_addr,
         peers,
-        limits: Limits { handshake: config.handshake_timeout, idle: config.idle_timeout },
+        limits: Limits {
+            handshake: config.handshake_timeout,
+            idle: config.idle_timeout,
+            request: config.request_timeout,
+        },
         max_connections: config.max_connections,
     };
     door.run(&stop);

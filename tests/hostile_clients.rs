@@ -115,35 +115,8 @@ fn requests_trickled_a_byte_at_a_time_are_cut_off() {
     let h = start("slowloris");
     // A handshake, then one byte of request head a second: every byte
     // resets the idle timer, but the request as a whole has a deadline.
-    let mut tls = tls_connect(&h.daemon, &h.pki);
-    let head = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: ";
-    let started = Instant::now();
-    let mut cut_after = None;
-    for (i, b) in head.iter().cycle().enumerate() {
-        if tls.write_all(&[*b]).and_then(|()| tls.flush()).is_err() {
-            cut_after = Some(started.elapsed());
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(4 * IDLE_SECS) {
-            break;
-        }
-        // Every few bytes, see whether the daemon has hung up.
-        if i % 2 == 1 {
-            tls.sock.set_nonblocking(true).unwrap();
-            let mut buf = [0u8; 512];
-            let gone = match tls.sock.read(&mut buf) {
-                Ok(0) => true,
-                Ok(_) => false,
-                Err(e) => e.kind() != ErrorKind::WouldBlock,
-            };
-            tls.sock.set_nonblocking(false).unwrap();
-            if gone {
-                cut_after = Some(started.elapsed());
-                break;
-            }
-        }
-        thread::sleep(Duration::from_millis(700));
-    }
+    let tls = tls_connect(&h.daemon, &h.pki);
+    let cut_after = trickle_until_cut(tls, Duration::from_secs(4 * IDLE_SECS));
     let cut_after = cut_after.expect("a trickled request was never cut off");
     assert!(
         cut_after < Duration::from_secs(IDLE_SECS + 3),
@@ -158,6 +131,54 @@ fn requests_trickled_a_byte_at_a_time_are_cut_off() {
     assert!(started.elapsed() >= Duration::from_secs(IDLE_SECS - 1));
     assert!(h.daemon.log_text().contains("closing request that arrives too slowly"));
     assert_eq!(h.api.request("GET", "/health", None).status, 200);
+}
+
+#[test]
+fn a_trickled_request_is_cut_at_the_request_timeout_not_the_idle_timeout() {
+    let h = Harness::start(
+        "slowloris-request-timeout",
+        &["--idle-timeout", "60", "--request-timeout", "2", "--max-connections", "8"],
+    );
+    let tls = tls_connect(&h.daemon, &h.pki);
+    let cut_after = trickle_until_cut(tls, Duration::from_secs(15))
+        .expect("a trickled request was not cut off within 15 s");
+    assert!(cut_after < Duration::from_secs(5), "cut off only after {cut_after:?}");
+    assert_eq!(h.api.request("GET", "/health", None).status, 200);
+}
+
+/// Sends a request head one byte every 0.7 s, which keeps the connection
+/// from ever being idle, until the daemon hangs up or `limit` passes.
+/// Returns how long the daemon took to hang up.
+fn trickle_until_cut(
+    mut tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    limit: Duration,
+) -> Option<Duration> {
+    let head = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: ";
+    let started = Instant::now();
+    for (i, b) in head.iter().cycle().enumerate() {
+        if tls.write_all(&[*b]).and_then(|()| tls.flush()).is_err() {
+            return Some(started.elapsed());
+        }
+        if started.elapsed() > limit {
+            return None;
+        }
+        // Every few bytes, see whether the daemon has hung up.
+        if i % 2 == 1 {
+            tls.sock.set_nonblocking(true).unwrap();
+            let mut buf = [0u8; 512];
+            let gone = match tls.sock.read(&mut buf) {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) => e.kind() != ErrorKind::WouldBlock,
+            };
+            tls.sock.set_nonblocking(false).unwrap();
+            if gone {
+                return Some(started.elapsed());
+            }
+        }
+        thread::sleep(Duration::from_millis(700));
+    }
+    unreachable!("cycle never ends")
 }
 
 /// Sends `bytes` over a fresh TLS connection and returns the status code

@@ -36,9 +36,12 @@ const REFUSAL_HANDSHAKE: Duration = Duration::from_secs(3);
 pub struct Limits {
     /// Time allowed from accept to a completed TLS handshake.
     pub handshake: Duration,
-    /// Time a connection may pass with no byte in either direction, and
-    /// the time a request may take to arrive whole from its first byte.
+    /// Time a connection may pass with no byte in either direction.
     pub idle: Duration,
+    /// Time a request may take to arrive whole from its first byte (never
+    /// more than `idle`). Short, because a client that trickles a request
+    /// holds a connection slot before it has proved who it is.
+    pub request: Duration,
 }
 
 /// Everything a connection thread needs to serve one client.
@@ -146,8 +149,10 @@ impl Bridge {
                 (started + limits.handshake, "TLS handshake")
             } else {
                 match request_started {
-                    Some(t) if t + limits.idle < last_activity + limits.idle => {
-                        (t + limits.idle, "request that arrives too slowly")
+                    Some(t)
+                        if t + limits.request.min(limits.idle) < last_activity + limits.idle =>
+                    {
+                        (t + limits.request.min(limits.idle), "request that arrives too slowly")
                     }
                     _ => (last_activity + limits.idle, "idle connection"),
                 }

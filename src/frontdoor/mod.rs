@@ -90,8 +90,9 @@ impl FrontDoor {
                 Err(_) => continue,
             };
             // Known limitation: the cap is global, not per remote address, so
-            // one party holding stalled handshakes can keep others out for up
-            // to the handshake deadline (they get a 503 or a prompt close).
+            // one party that keeps renewing stalled handshakes or trickled
+            // requests keeps others out for as long as it goes on (they get a
+            // 503 or a prompt close); a per-address cap would stop that.
             let (counter, refuse) = if open.fetch_add(1, Ordering::SeqCst) < self.max_connections {
                 (Arc::clone(&open), None)
             } else {
