@@ -8,8 +8,48 @@ use argh::FromArgs;
 /// Fill libvirt/KVM VM disks from cached base images over an HTTPS API.
 #[derive(FromArgs, Debug)]
 pub struct Cli {
+    /// print the program's version and exit
+    #[argh(switch)]
+    pub version: bool,
+
+    // Optional only so that `--version` alone parses; main refuses a
+    // command line with neither.
     #[argh(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+}
+
+/// Options `client` takes before its command, named in the hint for one
+/// given after it.
+const CLIENT_OPTIONS: [&str; 5] = ["--url", "--ca", "--cert", "--key", "--token-file"];
+
+/// Hints for a command line argh refused, from its error text `output`:
+/// a client option written after the client's command, and a
+/// `--flag=value` (argh takes only `--flag value`).
+pub fn usage_hints(program: &str, args: &[&str], output: &str) -> Vec<String> {
+    let mut hints = Vec::new();
+    let unknown = output
+        .lines()
+        .filter_map(|l| l.strip_prefix("Unrecognized argument: "))
+        .map(|a| a.trim().trim_matches('"'));
+    for arg in unknown {
+        let (flag, value) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => (flag, Some(value)),
+            _ => (arg, None),
+        };
+        if args.first() == Some(&"client") && CLIENT_OPTIONS.contains(&flag) {
+            let command = args.get(1).filter(|c| !c.starts_with('-')).unwrap_or(&"<command>");
+            hints.push(format!(
+                "hint: client options ({}) go before the command: {program} client {flag} ... {command} ...",
+                CLIENT_OPTIONS.join(", ")
+            ));
+        }
+        if let Some(value) = value {
+            hints.push(format!(
+                "hint: write `{flag} {value}`, not `{arg}`: a value follows its flag as the next argument"
+            ));
+        }
+    }
+    hints
 }
 
 #[derive(FromArgs, Debug)]
@@ -412,7 +452,7 @@ mod tests {
         let mut all = vec!["serve"];
         all.extend_from_slice(args);
         match parse(&all).unwrap().command {
-            Command::Serve(s) => s,
+            Some(Command::Serve(s)) => s,
             other => panic!("expected serve, got {other:?}"),
         }
     }
@@ -558,11 +598,34 @@ mod tests {
     #[test]
     fn test_token_new_parses() {
         match parse(&["token", "new", "ci", "--tokens", "/tmp/t"]).unwrap().command {
-            Command::Token(Token { command: TokenCommand::New(t) }) => {
+            Some(Command::Token(Token { command: TokenCommand::New(t) })) => {
                 assert_eq!((t.name.as_str(), t.tokens.as_str()), ("ci", "/tmp/t"));
             }
             other => panic!("expected token new, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn test_version_parses_without_a_command() {
+        let cli = parse(&["--version"]).unwrap();
+        assert!(cli.version && cli.command.is_none());
+        assert!(!parse(&["serve"]).unwrap().version);
+    }
+
+    #[test]
+    fn test_usage_hints() {
+        let hints = |args: &[&str]| {
+            let output = parse(args).unwrap_err();
+            usage_hints("lvp", args, &output)
+        };
+        let h = hints(&["client", "jobs", "--ca", "ca.crt"]);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h[0].contains("(--url, --ca, --cert, --key, --token-file) go before"), "{h:?}");
+        let h = hints(&["serve", "--backend=dir"]);
+        assert_eq!(h, ["hint: write `--backend dir`, not `--backend=dir`: a value follows its flag as the next argument"]);
+        assert_eq!(hints(&["client", "jobs", "--url=https://h:1"]).len(), 2);
+        assert!(hints(&["serve", "--bogus"]).is_empty());
+        assert!(hints(&["serve", "--workers", "two"]).is_empty());
     }
 
     /// Every long flag in this file must be documented in the man page.

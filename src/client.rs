@@ -454,13 +454,10 @@ fn snippet(text: &str) -> String {
 fn transport_error(e: ureq::Error, base: &str) -> ClientError {
     match e {
         ureq::Error::BadUri(why) => ClientError::Usage(format!("URL {base} is not usable ({why})")),
-        ureq::Error::Io(io) if tls_cause(&io).is_some() => ClientError::Connect(format!(
-            "TLS handshake with {base} failed: {}",
-            tls_cause(&io).expect("checked above")
-        )),
-        ureq::Error::Rustls(tls) => {
-            ClientError::Connect(format!("TLS handshake with {base} failed: {tls}"))
+        ureq::Error::Io(io) if tls_cause(&io).is_some() => {
+            handshake_failed(base, tls_cause(&io).expect("checked above"))
         }
+        ureq::Error::Rustls(tls) => handshake_failed(base, &tls),
         ureq::Error::Tls(why) => ClientError::Connect(format!("TLS with {base} failed: {why}")),
         ureq::Error::Io(io) => ClientError::Connect(format!("cannot connect to {base}: {io}")),
         ureq::Error::HostNotFound => {
@@ -474,6 +471,18 @@ fn transport_error(e: ureq::Error, base: &str) -> ClientError {
         )),
         other => ClientError::Connect(format!("request to {base} failed: {other}")),
     }
+}
+
+/// A failed handshake; when the daemon's certificate chains to no CA we
+/// trust, the likely fix (a private CA not given with `--ca`) is added.
+fn handshake_failed(base: &str, tls: &rustls::Error) -> ClientError {
+    let hint = match tls {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => {
+            " (pass --ca with the CA that signed the daemon's certificate)"
+        }
+        _ => "",
+    };
+    ClientError::Connect(format!("TLS handshake with {base} failed: {tls}{hint}"))
 }
 
 /// The rustls error inside an I/O error, which is how a refused handshake

@@ -68,6 +68,9 @@ fn parse_args() -> Result<Cli, ExitCode> {
                     "hint: put `--` before the serve flags: {program} check -- --backend dir ..."
                 );
             }
+            for hint in cli::usage_hints(program, rest, &early.output) {
+                eprintln!("{hint}");
+            }
             Err(ExitCode::from(EXIT_CONFIG))
         }
     }
@@ -78,7 +81,18 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    match cli.command {
+    if cli.version {
+        println!("libvirt-volume-provisioner {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    let Some(command) = cli.command else {
+        eprintln!(
+            "libvirt-volume-provisioner: a command is needed: serve, token, check or client \
+             (see --help)"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    match command {
         Command::Serve(serve) => {
             let level = match config::log_level(&serve.log_level) {
                 Ok(level) => level,

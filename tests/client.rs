@@ -386,6 +386,26 @@ fn a_wrong_ca_or_a_missing_certificate_fails_the_handshake_with_exit_3() {
     );
     assert!(line.contains("UnknownIssuer"), "{wrong_ca:#?}");
 
+    // A new user's first try: the daemon's private CA not given at all.
+    let no_ca = client(&strings(&[
+        "--url",
+        &url,
+        "--cert",
+        &p(&h.pki.client_cert),
+        "--key",
+        &p(&h.pki.client_key),
+        "jobs",
+    ]));
+    no_ca.expect(3);
+    assert!(no_ca.stderr.contains("UnknownIssuer"), "{no_ca:#?}");
+    assert!(
+        no_ca
+            .stderr
+            .trim_end()
+            .ends_with("(pass --ca with the CA that signed the daemon's certificate)"),
+        "{no_ca:#?}"
+    );
+
     let no_cert = client(&strings(&["--url", &url, "--ca", &p(&h.pki.ca_cert), "jobs"]));
     no_cert.expect(3);
     assert!(no_cert.stderr.contains("TLS handshake"), "{no_cert:#?}");
@@ -436,6 +456,17 @@ fn bad_usage_exits_2_and_no_daemon_exits_3() {
         assert_eq!(r.code, 2, "{args:?}: {r:#?}");
         assert!(!r.stderr.is_empty(), "{args:?} says what is wrong: {r:#?}");
     }
+    // Client options after the command: argh refuses them, and the hint
+    // says where they go.
+    let late = client(&strings(&["jobs", "--ca", &p(&pki.ca_cert)]));
+    late.expect(2);
+    assert!(late.stderr.contains("Unrecognized argument: --ca"), "{late:#?}");
+    assert!(
+        late.stderr.contains(
+            "hint: client options (--url, --ca, --cert, --key, --token-file) go before the command"
+        ),
+        "{late:#?}"
+    );
     // A PEM file with no key in it.
     let r = client(&strings(&[
         "--url",

@@ -1,7 +1,9 @@
 //! `scripts/make-certs.sh`: a CA, a server and a client certificate that
 //! openssl verifies against that CA, and a CA whose name is its own, so
 //! that a certificate from another run is refused as unknown rather than
-//! as a bad signature.
+//! as a bad signature. With `--ca-dir`, an existing CA signs a second
+//! host's server certificate and another client certificate, and is left
+//! as it was.
 
 mod common;
 
@@ -44,6 +46,52 @@ fn each_run_makes_a_ca_of_its_own_name_that_signs_its_certificates() {
     let again = run_any(Command::new(script("make-certs.sh")).arg("localhost").arg(&a));
     assert!(!again.status.success(), "{}", output_text(&again));
     assert_eq!(subject(&a.join("ca.crt")), sa);
+}
+
+/// The script could once only make a new CA, so a second hypervisor (or a
+/// second client) could not get a certificate from the first one's CA.
+#[test]
+fn an_existing_ca_signs_a_second_host_and_a_second_client_and_stays_as_it_was() {
+    let dir = TestDir::new("make-certs-ca-dir");
+    let (first, second) = (dir.join("hv1"), dir.join("hv2"));
+    make_certs(&first);
+    let ca_before = (
+        std::fs::read(first.join("ca.crt")).unwrap(),
+        std::fs::read(first.join("ca.key")).unwrap(),
+    );
+    let sign = || {
+        run_any(
+            Command::new(script("make-certs.sh"))
+                .arg("--ca-dir")
+                .arg(&first)
+                .args(["--client-name", "ci-runner", "hv2.example.com"])
+                .arg(&second),
+        )
+    };
+    let out = sign();
+    assert!(out.status.success(), "{}", output_text(&out));
+
+    for leaf in ["server.crt", "ci-runner.crt"] {
+        let (ok, text) = verify(&first.join("ca.crt"), &second.join(leaf));
+        assert!(ok, "{leaf} does not verify against the first host's CA: {text}");
+    }
+    assert!(subject(&second.join("server.crt")).contains("CN = hv2.example.com"));
+    assert!(subject(&second.join("ci-runner.crt")).contains("CN = ci-runner"));
+    // The CA was only read: same bytes, and its key was not copied along.
+    let ca_after = (
+        std::fs::read(first.join("ca.crt")).unwrap(),
+        std::fs::read(first.join("ca.key")).unwrap(),
+    );
+    assert!(ca_before == ca_after, "the CA in {} was replaced", first.display());
+    assert_eq!(std::fs::read(second.join("ca.crt")).unwrap(), ca_before.0);
+    assert!(!second.join("ca.key").exists(), "ca.key was copied to the host's directory");
+
+    // A second run would replace the keys it made: it refuses instead.
+    let key = std::fs::read(second.join("server.key")).unwrap();
+    let again = sign();
+    assert!(!again.status.success(), "{}", output_text(&again));
+    assert!(output_text(&again).contains("already exists"), "{}", output_text(&again));
+    assert_eq!(std::fs::read(second.join("server.key")).unwrap(), key);
 }
 
 #[test]
