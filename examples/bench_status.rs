@@ -116,7 +116,8 @@ fn connect(args: &Args, config: &Arc<ClientConfig>) -> Tls {
 /// Sends one GET and reads the whole answer. Returns the status code.
 fn request(tls: &mut Tls, path: &str, close: bool, buf: &mut Vec<u8>) -> std::io::Result<u16> {
     let connection = if close { "close" } else { "keep-alive" };
-    let head = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: {connection}\r\n\r\n");
+    let head =
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: {connection}\r\n\r\n");
     tls.write_all(head.as_bytes())?;
     tls.flush()?;
     buf.clear();
