@@ -343,6 +343,15 @@ class Bench:
 
     def round(self, r):
         flip = r % 2 == 1
+        only = set(self.a.only.split(",")) if self.a.only else {"images", "many", "status"}
+        if "images" in only:
+            self.round_images(r, flip)
+        if "many" in only:
+            self.round_many(r, flip)
+        if "status" in only:
+            self.round_status(r)
+
+    def round_images(self, r, flip):
         for img in self.a.images:
             k = img["key"]
             cold = [
@@ -364,6 +373,7 @@ class Bench:
                 self.add(f"{k}.{metric}", secs)
                 log(f"round {r + 1} {k} {metric}: {secs:.2f}s")
 
+    def round_many(self, r, flip):
         many_img = self.a.many_image
         many = [("many_daemon", lambda: self.many_daemon(many_img, self.a.jobs)),
                 ("many_baseline", lambda: self.many_baseline(many_img, self.a.jobs))]
@@ -373,7 +383,9 @@ class Bench:
             log(f"round {r + 1} {metric} ({self.a.jobs} jobs): {secs:.2f}s")
         log(f"round {r + 1} image GETs for {self.a.jobs} jobs: {self.gets_seen[-1]}")
 
+    def round_status(self, r):
         status_img = self.a.status_image
+        settle()
         idle = self.idle_latency(self.a.rate)
         busy = self.status_client("keepalive", status_img, self.a.rate)
         hs = self.status_client("handshakes", status_img, 0)
@@ -398,6 +410,8 @@ class Bench:
         rows = []
 
         def row(label, daemon, baseline, base_label, target=None, unit="s"):
+            if not self.samples.get(daemon) or (baseline and not self.samples.get(baseline)):
+                return
             entry = {"what": label, "unit": unit, "daemon": summary(self.samples[daemon])}
             if baseline:
                 entry["baseline"] = base_label
@@ -421,7 +435,7 @@ class Bench:
             "many_baseline", f"1 download + {self.a.jobs} converts on {self.a.workers} lanes")
         self.samples["image_gets"] = self.gets_seen
         row(f"image GETs for {self.a.jobs} jobs", "image_gets", None, None, {"equals": 1}, "GETs")
-        self.samples["rss_mib"] = [v / 1024 for v in self.samples["rss_kib"]]
+        self.samples["rss_mib"] = [v / 1024 for v in self.samples.get("rss_kib", [])]
         row("daemon peak RSS, raw image (VmHWM)", "rss_mib", None, None, {"max": 32}, "MiB")
         row("status p50 during a provision", "status_p50_ms", None, None, None, "ms")
         row("status p99 during a provision", "status_p99_ms", None, None, {"max": 5}, "ms")
@@ -514,6 +528,7 @@ def main_run(argv):
     p.add_argument("--rate", type=int, default=500)
     p.add_argument("--json", required=True)
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--only", default="", help="comma list of: images, many, status")
     a = p.parse_args(argv)
 
     def image(key, name, kind):
@@ -541,6 +556,7 @@ def main_run(argv):
         "workers": a.workers,
         "jobs": a.jobs,
         "rate_per_sec": a.rate,
+        "only": a.only or "all",
         "rows": rows,
     }
     os.makedirs(os.path.dirname(a.json), exist_ok=True)

@@ -89,6 +89,11 @@ fn volume_is_flushed_before_the_job_is_journaled_completed() {
         },
         &[],
     );
+    // strace's child is the daemon; a SIGTERM to strace would only detach
+    // it and leave it running, so the daemon itself is stopped, and killed
+    // if the test ends early.
+    let tracee = tracee_of(daemon.pid()).expect("strace has started the daemon");
+    let _reaper = KillOnDrop(tracee);
     let api = Api::mtls(&daemon, &pki);
     let request = |image: &str, volume: &str, kind: &str| {
         serde_json::json!({
@@ -105,6 +110,12 @@ fn volume_is_flushed_before_the_job_is_journaled_completed() {
         let id = api.submit(&request(image, volume, kind));
         let status = api.wait_final(&id, JOB_TIMEOUT);
         assert_eq!(status["status"], "completed", "{status:#}");
+    }
+    // SAFETY: kill(2) on the daemon strace started for this test.
+    unsafe { libc::kill(tracee, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while Path::new(&format!("/proc/{tracee}")).exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
     }
     daemon.stop();
 
@@ -142,6 +153,31 @@ fn volume_is_flushed_before_the_job_is_journaled_completed() {
             finalizing + 1,
             completed + 1
         );
+    }
+}
+
+/// The first child of process `pid` (for strace: the program it traces).
+fn tracee_of(pid: u32) -> Option<i32> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let children = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+        if let Some(child) = children.split_whitespace().next() {
+            return child.parse().ok();
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kills a process on drop (SIGKILL; harmless once it has exited).
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) with a pid and a signal number.
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
     }
 }
 

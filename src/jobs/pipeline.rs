@@ -326,7 +326,10 @@ impl Pipeline {
         }
         let path = volume.path.display().to_string();
         let mark = if volume.created { VolumeMark::Created } else { VolumeMark::Reused };
-        let recorded = self.table.update_durably(id, |j| {
+        // Not waited for: the durable intent already makes a restart
+        // remove a volume this job created, and a reused volume is left
+        // alone whether or not this record survives.
+        let recorded = self.table.update_lazily(id, |j| {
             j.volume_path = Some(path);
             j.volume_mark = mark;
         });
