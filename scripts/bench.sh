@@ -14,8 +14,7 @@
 #      here from generated files (no root, seconds);
 #   3. serves them on 127.0.0.1 with a python3 server that counts GETs
 #      (with sendfile, at nice 10: it stands for a remote image store);
-#   4. starts the daemon (mutual TLS, dir backend, 2 workers, logging
-#      through a pipe as under systemd) and, for N
+#   4. starts the daemon (mutual TLS, dir backend, 2 workers) and, for N
 #      rounds (default 3; 1 with --smoke), alternating which side runs
 #      first:
 #      - per image, a cold provision (empty cache) against the naive
@@ -156,10 +155,6 @@ scripts/make-certs.sh localhost "$certs" >/dev/null
 # shellcheck source=scripts/lib-daemon.sh
 . "$repo/scripts/lib-daemon.sh"
 daemon_extra=(--workers "$workers" --log-level info)
-# As under systemd: a log line never waits for the file system the
-# volumes are on (a write that extends a file can wait for an ext4 commit
-# that is flushing a volume).
-log_via_pipe=1
 say "starting the daemon (dir backend, mutual TLS, $workers workers)"
 start_dir_daemon "$http_port"
 

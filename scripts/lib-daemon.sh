@@ -7,9 +7,6 @@
 #   certs          a directory made by scripts/make-certs.sh localhost
 #   start_timeout  seconds to wait for /health
 #   daemon_extra   (array, may be empty) more `serve` flags
-#   log_via_pipe   (optional) 1: the daemon logs into a pipe that `cat`
-#                  copies to the log file, as under systemd (journald reads
-#                  a socket), so that no log write waits on the file system
 # and gets back: daemon_pid, port, base (https://127.0.0.1:PORT), tls (the
 # curl flags for the client certificate), and $work/health.json. The daemon
 # logs to $work/daemon.log. die() must be defined by the caller.
@@ -44,13 +41,6 @@ start_dir_daemon() {
 }
 
 start_dir_daemon_once() {
-    local log_target="$work/daemon.log"
-    if [ "${log_via_pipe:-0}" = 1 ]; then
-        log_target="$work/daemon.fifo"
-        rm -f "$log_target"
-        mkfifo "$log_target"
-        cat "$log_target" >"$work/daemon.log" &
-    fi
     port="$(free_port)"
     [ "$port" != "$1" ] || port="$(free_port)"
     base="https://127.0.0.1:$port"

@@ -32,7 +32,7 @@ const TEMP_PREFIX: &str = ".lvp-";
 const TEMP_SUFFIX: &str = ".part";
 
 /// What `<sha256>.json` records about an entry.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct EntryRecord {
     sha256: String,
     size: u64,
@@ -85,8 +85,9 @@ pub struct Cache {
     dir: PathBuf,
     flights: Mutex<HashMap<String, Arc<Flight>>>,
     /// Entries committed by this daemon whose flush has not ended yet:
-    /// digest → size. Trusted by [`Cache::lookup`] without a record.
-    flushing: Arc<Mutex<HashMap<String, u64>>>,
+    /// digest → its record to be. Trusted by [`Cache::lookup`] without a
+    /// record on disk.
+    flushing: Arc<Mutex<HashMap<String, EntryRecord>>>,
 }
 
 /// One download that several jobs wait for.
@@ -187,11 +188,7 @@ impl Cache {
             Ok(meta) if meta.is_file() => meta,
             _ => return None,
         };
-        let flushing = self.flushing.lock().unwrap().get(sha256).copied();
-        let recorded = match flushing {
-            Some(size) => Some(EntryRecord::new(sha256, size, "")),
-            None => self.read_record(sha256),
-        };
+        let recorded = self.read_record(sha256);
         let sound = match (&recorded, verify) {
             (Some(rec), false) => rec.size == meta.len(),
             _ => hash_file(&path).is_ok_and(|got| got == sha256),
@@ -213,7 +210,12 @@ impl Cache {
         Some(path)
     }
 
+    /// The entry's record: the one on disk, or the one its flush will
+    /// write.
     fn read_record(&self, sha256: &str) -> Option<EntryRecord> {
+        if let Some(pending) = self.flushing.lock().unwrap().get(sha256) {
+            return Some(pending.clone());
+        }
         let text = fs::read(self.record_path(sha256)).ok()?;
         serde_json::from_slice(&text).ok()
     }
@@ -344,12 +346,12 @@ impl Cache {
             Err(e) => return Err(e),
         }
         let entry = self.entry_path(sha256);
-        self.flushing.lock().unwrap().insert(sha256.to_string(), size);
+        let record = EntryRecord::new(sha256, size, &crate::fetch::redact(source));
+        self.flushing.lock().unwrap().insert(sha256.to_string(), record.clone());
         if let Err(e) = fs::rename(temp, &entry) {
             self.flushing.lock().unwrap().remove(sha256);
             return Err(e);
         }
-        let record = EntryRecord::new(sha256, size, &crate::fetch::redact(source));
         let (dir, flushing) = (self.dir.clone(), Arc::clone(&self.flushing));
         let flush = move || {
             let done = file

@@ -932,7 +932,46 @@ pub fn normalize_sha256(text: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    use std::fs;
+
     const D: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    #[test]
+    fn test_is_zero() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&[0u8; 200]));
+        for at in [0, 63, 64, 130, 199] {
+            let mut b = [0u8; 200];
+            b[at] = 1;
+            assert!(!is_zero(&b), "a one at {at} is seen");
+        }
+    }
+
+    /// The sparse sink keeps every byte and leaves zero blocks unallocated.
+    #[test]
+    fn test_sparse_file_holds_the_bytes_with_holes() {
+        use std::os::unix::fs::MetadataExt;
+        let path = std::env::temp_dir().join(format!("lvp-sparse-{}", std::process::id()));
+        let file = File::options().create(true).truncate(true).read(true).write(true).open(&path);
+        let mut sink = SparseFile { file: file.unwrap() };
+        let block = SPARSE_BLOCK;
+        let mut data = vec![0u8; 64 * block];
+        data[3 * block + 5] = 7; // one block of data in 64
+        data[40 * block..41 * block].fill(9);
+        // Offsets that are not block multiples, as a resumed download has.
+        let (a, b) = data.split_at(10 * block + 123);
+        sink.put(0, a).unwrap();
+        sink.put(a.len() as u64, b).unwrap();
+        sink.finish(data.len() as u64).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), data);
+        let allocated = fs::metadata(&path).unwrap().blocks() * 512;
+        assert!(allocated <= 4 * block as u64, "{allocated} bytes allocated for 2 data blocks");
+        sink.reset().unwrap();
+        sink.put(0, b"abc").unwrap();
+        sink.finish(3).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"abc", "reset forgets the earlier bytes");
+        fs::remove_file(&path).unwrap();
+    }
 
     #[test]
     fn test_sidecar_forms() {

@@ -306,7 +306,73 @@ fn zero_range(f: &File, offset: u64, len: u64, cancel: &AtomicBool) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::path::PathBuf;
+
+    fn scratch(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("lvp-write-{tag}-{}", std::process::id()))
+    }
+
+    fn volume_at(path: &Path, size: u64, reads_as_zero: bool) -> Volume {
+        File::create(path).unwrap().set_len(size).unwrap();
+        Volume { name: "v".into(), path: path.to_path_buf(), size, created: true, reads_as_zero }
+    }
+
+    /// A sparse image copied into a zeroed volume: the same bytes, and its
+    /// holes stay holes; into a volume that does not read as zeros, stale
+    /// bytes under the image's holes are overwritten.
+    #[test]
+    fn test_copy_raw_follows_data_extents_and_overwrites_stale_bytes() {
+        use std::os::unix::fs::MetadataExt;
+        let (image, vol) = (scratch("img"), scratch("vol"));
+        let len = 8 << 20;
+        let f = File::create(&image).unwrap();
+        f.set_len(len).unwrap();
+        f.write_all_at(&[5u8; 4096], 1 << 20).unwrap();
+        f.write_all_at(&[6u8; 100], len - 100).unwrap();
+        drop(f);
+        let never = AtomicBool::new(false);
+        let v = volume_at(&vol, 16 << 20, true);
+        copy_raw(&image, len, &v, &never, &mut |_| {}).unwrap();
+        assert_eq!(fs::read(&vol).unwrap()[..len as usize], fs::read(&image).unwrap()[..]);
+        assert!(fs::metadata(&vol).unwrap().blocks() * 512 <= 1 << 20, "holes stay holes");
+
+        let v = volume_at(&vol, 16 << 20, false);
+        File::options().write(true).open(&vol).unwrap().write_all_at(&[1u8; 8192], 0).unwrap();
+        copy_raw(&image, len, &v, &never, &mut |_| {}).unwrap();
+        assert_eq!(fs::read(&vol).unwrap()[..len as usize], fs::read(&image).unwrap()[..]);
+        fs::remove_file(&image).unwrap();
+        fs::remove_file(&vol).unwrap();
+    }
+
+    /// The tee writes the volume at the download's offsets, refuses bytes
+    /// past the volume's end, and after a reset the volume reads as zeros
+    /// again where the aborted attempt wrote.
+    #[test]
+    fn test_volume_tee_writes_refuses_overflow_and_wipes_on_reset() {
+        let (cache, vol) = (scratch("tee-cache"), scratch("tee-vol"));
+        let v = volume_at(&vol, 1 << 20, true);
+        let cache_file = File::create(&cache).unwrap();
+        let mut tee = VolumeTee::new(SparseFile { file: cache_file }, Some(&v)).unwrap();
+        assert!(tee.streams());
+        assert!(tee.expect(2 << 20).is_err(), "an announced length past the volume is refused");
+        tee.put(0, &[7u8; 1000]).unwrap();
+        tee.put(1000, &[8u8; 24]).unwrap();
+        tee.reset().unwrap();
+        assert!(fs::read(&vol).unwrap().iter().all(|&b| b == 0), "reset wipes the volume");
+        tee.put(0, &[9u8; 10]).unwrap();
+        assert!(tee.put((1 << 20) - 4, &[1u8; 8]).is_err(), "bytes past the end are refused");
+        tee.finish(10).unwrap();
+        assert_eq!(&fs::read(&vol).unwrap()[..11], &[9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 0]);
+        assert_eq!(fs::read(&cache).unwrap(), vec![9u8; 10]);
+
+        let reused = Volume { created: false, ..v };
+        let file = File::create(&cache).unwrap();
+        let tee = VolumeTee::new(SparseFile { file }, Some(&reused)).unwrap();
+        assert!(!tee.streams(), "a volume the job did not create is never streamed into");
+        fs::remove_file(&cache).unwrap();
+        fs::remove_file(&vol).unwrap();
+    }
 
     #[test]
     fn test_parse_progress() {
