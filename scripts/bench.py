@@ -109,24 +109,38 @@ def settle():
 
 
 class Api:
-    """The daemon's API over mutual TLS, one connection per call."""
+    """The daemon's API over mutual TLS, on one kept-alive connection per
+    thread (as a client that follows its job with ?wait= would keep it);
+    a new connection when the old one was closed."""
 
     def __init__(self, port, certs):
         self.port = port
         self.ctx = ssl.create_default_context(cafile=os.path.join(certs, "ca.crt"))
         self.ctx.load_cert_chain(os.path.join(certs, "client.crt"), os.path.join(certs, "client.key"))
+        self.local = threading.local()
 
     def call(self, method, path, body=None, timeout=600):
-        conn = http.client.HTTPSConnection("localhost", self.port, context=self.ctx, timeout=timeout)
-        try:
-            headers = {"Content-Type": "application/json"} if body is not None else {}
-            data = json.dumps(body).encode() if body is not None else None
-            conn.request(method, path, body=data, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read()
-            return resp.status, (json.loads(raw) if raw else None)
-        finally:
-            conn.close()
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        data = json.dumps(body).encode() if body is not None else None
+        for attempt in (1, 2):
+            conn = getattr(self.local, "conn", None)
+            if conn is None:
+                conn = http.client.HTTPSConnection("localhost", self.port, context=self.ctx,
+                                                   timeout=timeout)
+                self.local.conn = conn
+            try:
+                conn.request(method, path, body=data, headers=headers)
+                resp = conn.getresponse()
+                raw = resp.read()
+                if resp.getheader("Connection", "").lower() == "close":
+                    conn.close()
+                    self.local.conn = None
+                return resp.status, (json.loads(raw) if raw else None)
+            except (http.client.HTTPException, OSError):
+                conn.close()
+                self.local.conn = None
+                if attempt == 2:
+                    raise
 
     def provision(self, url, volume, size_gb, image_type):
         body = {"image_url": url, "volume_name": volume, "volume_size_gb": size_gb,
@@ -444,7 +458,9 @@ class Bench:
 
         for entry in rows:
             target = entry.get("target")
-            if not target:
+            if not target or (self.a.smoke and target != {"equals": 1}):
+                # A 64 MiB smoke image says nothing about speed; only the
+                # shared download is judged there.
                 continue
             if "ratio_max" in target:
                 entry["met"] = entry["ratio"]["median"] <= target["ratio_max"]
@@ -563,6 +579,8 @@ def main_run(argv):
     with open(a.json, "w") as f:
         json.dump(result, f, indent=2)
     print(table(rows))
+    if a.smoke:
+        print("\nsmoke run: speed targets are not judged on the tiny image")
     missed = [e["what"] for e in rows if e.get("met") is False]
     print(f"\n{len(missed)} target(s) missed" + (": " + "; ".join(missed) if missed else ""))
     if bench.gets_seen and any(g != 1 for g in bench.gets_seen):

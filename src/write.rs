@@ -257,7 +257,8 @@ impl Sink for VolumeTee {
 
 /// Ends a write: zeroes the volume from `image_end` to its end unless it
 /// provably reads as zeros there (or `keep_tail`), then flushes the
-/// volume's data to stable storage (fdatasync on the file or device).
+/// volume's data to stable storage (fdatasync on the file or device), and
+/// for a file the job created, its directory.
 ///
 /// Without the zeroing, a reused volume, or a new plain LV on extents an
 /// old LV used, would show the guest whatever lay there before: another
@@ -272,7 +273,15 @@ pub fn finish_volume(
     if !volume.reads_as_zero && !keep_tail && volume.size > image_end {
         zero_range(&f, image_end, volume.size - image_end, cancel)?;
     }
-    f.sync_data().map_err(WriteError::Io)
+    f.sync_data().map_err(WriteError::Io)?;
+    // A file this job created also needs its directory entry on disk (a
+    // device node of an LV does not; LVM keeps its own metadata).
+    if volume.created && f.metadata().map_err(WriteError::Io)?.is_file() {
+        if let Some(dir) = volume.path.parent() {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(WriteError::Io)?;
+        }
+    }
+    Ok(())
 }
 
 /// Makes `len` bytes from `offset` read as zeros: by fallocate where the
