@@ -8,8 +8,9 @@
 //! matched, so a mismatch never leaves a file that looks like an entry.
 //!
 //! The entry's data is flushed to stable storage *after* the rename, on a
-//! thread of its own, while the job goes on to write the volume; only then
-//! is the record written (and synced). The record is the mark of a durable
+//! thread of its own, once the job that downloaded it has flushed its
+//! volume (so the two flushes do not share the disk); only then is the
+//! record written (and synced). The record is the mark of a durable
 //! entry: an entry without one (a power cut came before its flush ended)
 //! is hashed again before any use, and deleted when it does not match.
 //! Within the running daemon an entry still being flushed is trusted as it
@@ -51,6 +52,52 @@ pub struct EntryInfo {
 }
 
 /// SHA-256 of a whole file, as lower-case hex.
+/// The pending flush of a committed entry: started by [`Flush::start`] or
+/// on drop, whichever comes first.
+pub struct Flush {
+    work: Option<FlushWork>,
+}
+
+/// The entry's file, its record to be, the cache directory, and the map
+/// of entries being flushed.
+type FlushWork = (File, EntryRecord, PathBuf, Arc<Mutex<HashMap<String, EntryRecord>>>);
+
+impl Flush {
+    pub fn start(mut self) {
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        let Some((file, record, dir, flushing)) = self.work.take() else { return };
+        let sha256 = record.sha256.clone();
+        let map = Arc::clone(&flushing);
+        let flush = move || {
+            let done = file
+                .sync_all()
+                .and_then(|()| write_record(&dir, &record))
+                .and_then(|()| File::open(&dir)?.sync_all());
+            flushing.lock().unwrap().remove(&record.sha256);
+            match done {
+                Ok(()) => log::debug!("cache entry {} is on stable storage", record.sha256),
+                Err(e) => log::warn!(
+                    "cache entry {}: flush failed ({e}); it will be hashed again before use",
+                    record.sha256
+                ),
+            }
+        };
+        if let Err(e) = std::thread::Builder::new().name("cache-flush".into()).spawn(flush) {
+            map.lock().unwrap().remove(&sha256);
+            log::warn!("cannot start the cache flush thread ({e}); entry {sha256} stays unrecorded");
+        }
+    }
+}
+
+impl Drop for Flush {
+    fn drop(&mut self) {
+        self.spawn();
+    }
+}
+
 impl EntryRecord {
     fn new(sha256: &str, size: u64, source: &str) -> EntryRecord {
         EntryRecord { sha256: sha256.to_string(), size, source: source.to_string() }
@@ -325,17 +372,19 @@ impl Cache {
         Ok((path, file))
     }
 
-    /// Makes a verified download an entry: the rename at once, then, on a
-    /// thread of its own, the data to disk, its record, and the directory
-    /// to disk (see the module doc for why this order is safe). The entry
-    /// is usable as soon as this returns.
+    /// Makes a verified download an entry: the rename at once; the data to
+    /// disk, its record, and the directory to disk come later, on a thread
+    /// of their own, when the returned [`Flush`] is started or dropped
+    /// (see the module doc for why this order is safe). The entry is usable
+    /// as soon as this returns. A job holds the flush until its volume is
+    /// flushed, so that the two do not share the disk.
     pub fn commit(
         &self,
         temp: &Path,
         file: File,
         sha256: &str,
         source: &str,
-    ) -> io::Result<PathBuf> {
+    ) -> io::Result<(PathBuf, Flush)> {
         let size = file.metadata()?.len();
         // A record left from an earlier entry of this digest would vouch
         // for the new file before its flush: remove it, durably, first.
@@ -352,28 +401,10 @@ impl Cache {
             self.flushing.lock().unwrap().remove(sha256);
             return Err(e);
         }
-        let (dir, flushing) = (self.dir.clone(), Arc::clone(&self.flushing));
-        let flush = move || {
-            let done = file
-                .sync_all()
-                .and_then(|()| write_record(&dir, &record))
-                .and_then(|()| File::open(&dir)?.sync_all());
-            flushing.lock().unwrap().remove(&record.sha256);
-            match done {
-                Ok(()) => log::debug!("cache entry {} is on stable storage", record.sha256),
-                Err(e) => log::warn!(
-                    "cache entry {}: flush failed ({e}); it will be hashed again before use",
-                    record.sha256
-                ),
-            }
+        let flush = Flush {
+            work: Some((file, record, self.dir.clone(), Arc::clone(&self.flushing))),
         };
-        if let Err(e) = std::thread::Builder::new().name("cache-flush".into()).spawn(flush) {
-            self.flushing.lock().unwrap().remove(sha256);
-            log::warn!(
-                "cannot start the cache flush thread ({e}); entry {sha256} stays unrecorded"
-            );
-        }
-        Ok(entry)
+        Ok((entry, flush))
     }
 
     /// Waits until every entry this daemon committed is on stable storage
@@ -425,7 +456,8 @@ mod tests {
         let (tmp, file) = cache.temp_file("job1").unwrap();
         fs::write(&tmp, b"abc").unwrap();
         assert!(cache.lookup(ABC, false).is_none());
-        let entry = cache.commit(&tmp, file, ABC, "http://h/x?sig=1").unwrap();
+        let (entry, flush) = cache.commit(&tmp, file, ABC, "http://h/x?sig=1").unwrap();
+        flush.start();
         assert_eq!(fs::read(&entry).unwrap(), b"abc");
         assert_eq!(cache.lookup(ABC, false), Some(entry.clone()));
         assert_eq!(cache.lookup(ABC, true), Some(entry));
@@ -445,7 +477,7 @@ mod tests {
         let (tmp, file) = cache.temp_file(job).unwrap();
         fs::write(&tmp, data).unwrap();
         let sha = hash_file(&tmp).unwrap();
-        cache.commit(&tmp, file, &sha, &format!("http://h/{job}")).unwrap();
+        cache.commit(&tmp, file, &sha, &format!("http://h/{job}")).unwrap().1.start();
         sha
     }
 

@@ -108,11 +108,14 @@ struct Obtained {
     volume: Option<Volume>,
     /// Whether the image was written into `volume` while it downloaded.
     streamed: bool,
+    /// The flush of the cache entry this job stored, held until the volume
+    /// is flushed (it starts when dropped, on every path).
+    flush: Option<crate::cache::Flush>,
 }
 
 impl From<(PathBuf, u64)> for Obtained {
     fn from((image, len): (PathBuf, u64)) -> Obtained {
-        Obtained { image, len, volume: None, streamed: false }
+        Obtained { image, len, volume: None, streamed: false, flush: None }
     }
 }
 
@@ -268,6 +271,10 @@ impl Pipeline {
             }
         })?;
         log::info!("{ctx} stage=finalizing: volume flushed to stable storage");
+        // The volume is on disk: now the cache entry may have the disk.
+        if let Some(flush) = obtained.flush {
+            flush.start();
+        }
         self.table.progress(id, Stage::Finalizing, written, Some(written));
         Ok(())
     }
@@ -467,7 +474,7 @@ impl Pipeline {
                             ));
                         }
                     }
-                    let entry = self
+                    let (entry, flush) = self
                         .cache
                         .commit(&temp, file, &got.sha256, &req.image_url)
                         .map_err(|e| Stop::fail(stage, format!("store image in the cache: {e}")))?;
@@ -483,7 +490,8 @@ impl Pipeline {
                         let (digests, urls) = self.table.images_in_use();
                         self.cache.evict(max, &digests, &urls);
                     }
-                    return Ok(Obtained { image, len, volume, streamed });
+                    let flush = Some(flush);
+                    return Ok(Obtained { image, len, volume, streamed, flush });
                 }
                 Role::Follower(flight) => {
                     log::info!(
