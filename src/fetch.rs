@@ -34,6 +34,10 @@ use crate::s3::S3Signer;
 /// efficient, small enough that cancel is noticed quickly.
 const CHUNK: usize = 256 * 1024;
 
+/// Download buffers in flight between the receiving thread and the one
+/// that hashes and stores: enough to keep both busy, 1 MiB in all.
+const BUFFERS: usize = 4;
+
 /// Largest sidecar we read: a `sha256sum` listing of many files.
 const SIDECAR_LIMIT: u64 = 64 * 1024;
 
@@ -394,7 +398,7 @@ impl Fetcher {
     pub fn download(
         &self,
         url: &str,
-        out: &mut dyn Sink,
+        out: &mut (dyn Sink + Send),
         cancel: &AtomicBool,
         progress: &mut dyn FnMut(u64, Option<u64>),
     ) -> Result<Downloaded, FetchError> {
@@ -445,7 +449,7 @@ impl Fetcher {
     fn attempt(
         &self,
         st: &mut Transfer,
-        out: &mut dyn Sink,
+        out: &mut (dyn Sink + Send),
         cancel: &AtomicBool,
         progress: &mut dyn FnMut(u64, Option<u64>),
     ) -> Result<(), Attempt> {
@@ -511,42 +515,73 @@ impl Fetcher {
             out.expect(total).map_err(|source| Attempt::Fatal(FetchError::Write { source }))?;
         }
         let mut reader = resp.into_body().into_reader();
-        let mut buf = vec![0u8; CHUNK];
         progress(st.done, st.total);
-        let mut ended = false;
-        while !ended {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(Attempt::Fatal(FetchError::Cancelled));
-            }
-            // Fill the whole buffer (or reach the end), so that the sink
-            // sees CHUNK-aligned blocks and can leave whole zero blocks as
-            // holes.
-            let mut n = 0;
-            while n < buf.len() {
-                match reader.read(&mut buf[n..]) {
-                    Ok(0) => {
-                        ended = true;
-                        break;
+        // Two threads: this one receives, a helper hashes and stores, so
+        // SHA-256 and the writes overlap the network instead of following
+        // it. Buffers go round between them; at most BUFFERS are in flight.
+        let (full_tx, full_rx) = crossbeam_channel::bounded::<(Vec<u8>, usize)>(BUFFERS);
+        let (empty_tx, empty_rx) = crossbeam_channel::bounded::<Vec<u8>>(BUFFERS);
+        for _ in 0..BUFFERS {
+            let _ = empty_tx.send(vec![0u8; CHUNK]);
+        }
+        let (shown, st_total) = (st.shown.clone(), st.total);
+        let mut received = st.done;
+        let (outcome, taken) = std::thread::scope(|scope| {
+            let consumer = scope.spawn(|| -> Result<(), Attempt> {
+                for (buf, n) in full_rx {
+                    st.take(out, &buf[..n])?;
+                    let _ = empty_tx.send(buf);
+                }
+                Ok(())
+            });
+            let outcome = (|| -> Result<(), Attempt> {
+                let mut ended = false;
+                while !ended {
+                    if cancel.load(Ordering::Relaxed) {
+                        return Err(Attempt::Fatal(FetchError::Cancelled));
                     }
-                    Ok(got) => n += got,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        // Keep what arrived whole: a resume starts after it.
-                        if n > 0 {
-                            st.take(out, &buf[..n])?;
-                            progress(st.done, st.total);
+                    // The helper stopped (a write failed): it says why.
+                    let Ok(mut buf) = empty_rx.recv() else { return Ok(()) };
+                    // Fill the whole buffer (or reach the end), so that the
+                    // sink sees CHUNK-aligned blocks and can leave whole
+                    // zero blocks as holes.
+                    let mut n = 0;
+                    let mut failed = None;
+                    while n < buf.len() {
+                        match reader.read(&mut buf[n..]) {
+                            Ok(0) => {
+                                ended = true;
+                                break;
+                            }
+                            Ok(got) => n += got,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
+                            }
                         }
+                    }
+                    // Keep what arrived whole: a resume starts after it.
+                    if n > 0 && full_tx.send((buf, n)).is_err() {
+                        return Ok(());
+                    }
+                    received += n as u64;
+                    progress(received, st_total);
+                    if let Some(e) = failed {
                         let source = ureq::Error::Io(e);
-                        let url = st.shown.clone();
+                        let url = shown.clone();
                         return Err(Attempt::Retry(FetchError::Transport { url, source }));
                     }
                 }
-            }
-            if n > 0 {
-                st.take(out, &buf[..n])?;
-                progress(st.done, st.total);
-            }
-        }
+                Ok(())
+            })();
+            drop(full_tx);
+            let taken = consumer.join().expect("the hashing thread does not panic");
+            (outcome, taken)
+        });
+        // A failed write outranks what the receiving side saw.
+        taken?;
+        outcome?;
         if let Some(total) = st.total {
             if st.done < total {
                 let reason = format!("connection closed at byte {} of {total}", st.done);
@@ -589,7 +624,7 @@ struct Transfer<'a> {
 
 impl Transfer<'_> {
     /// Hashes `data`, the bytes that follow `done`, and hands them to `out`.
-    fn take(&mut self, out: &mut dyn Sink, data: &[u8]) -> Result<(), Attempt> {
+    fn take(&mut self, out: &mut (dyn Sink + Send), data: &[u8]) -> Result<(), Attempt> {
         self.hasher.update(data);
         out.put(self.done, data).map_err(|source| Attempt::Fatal(FetchError::Write { source }))?;
         self.done += data.len() as u64;
@@ -597,7 +632,7 @@ impl Transfer<'_> {
     }
 
     /// Throws away what was downloaded so far.
-    fn restart(&mut self, out: &mut dyn Sink) -> Result<(), Attempt> {
+    fn restart(&mut self, out: &mut (dyn Sink + Send)) -> Result<(), Attempt> {
         out.reset().map_err(|source| Attempt::Fatal(FetchError::Write { source }))?;
         self.hasher = Sha256::new();
         self.done = 0;
