@@ -87,7 +87,9 @@ impl Flush {
         };
         if let Err(e) = std::thread::Builder::new().name("cache-flush".into()).spawn(flush) {
             map.lock().unwrap().remove(&sha256);
-            log::warn!("cannot start the cache flush thread ({e}); entry {sha256} stays unrecorded");
+            log::warn!(
+                "cannot start the cache flush thread ({e}); entry {sha256} stays unrecorded"
+            );
         }
     }
 }
@@ -401,9 +403,8 @@ impl Cache {
             self.flushing.lock().unwrap().remove(sha256);
             return Err(e);
         }
-        let flush = Flush {
-            work: Some((file, record, self.dir.clone(), Arc::clone(&self.flushing))),
-        };
+        let flush =
+            Flush { work: Some((file, record, self.dir.clone(), Arc::clone(&self.flushing))) };
         Ok((entry, flush))
     }
 
