@@ -1,10 +1,12 @@
-//! Image downloads with ureq: streaming to a file while hashing, and the
+//! Image downloads with ureq: streaming to a [`Sink`] while hashing, and the
 //! `<image_url>.sha256` sidecar.
 //!
-//! Bytes are written to the caller's file exactly as the server sends them
-//! (no content decoding) and hashed on the way, so the file is never read
-//! back to be verified. The stall timeout bounds the wait for each read: a
-//! server that stops sending fails the download instead of hanging a worker.
+//! Bytes go to the caller's sink exactly as the server sends them (no
+//! content decoding) and are hashed on the way, so nothing is read back to
+//! be verified. One thread receives; a helper thread hashes (SHA-NI where
+//! the CPU has it: sha2 detects it at run time) and stores, so the two
+//! overlap. The stall timeout bounds the wait for each read: a server that
+//! stops sending fails the download instead of hanging a worker.
 //!
 //! Every GET goes through [`Fetcher::get`], which follows redirects itself
 //! (ureq's own following is off) so that each hop is checked against the

@@ -3,7 +3,10 @@
 //! 1. `downloading`: find the expected digest (`image_sha256`, else the
 //!    `.sha256` sidecar); use the cache entry if there is one, else
 //!    download (or wait for the job already downloading the same URL),
-//!    verify and store it.
+//!    verify and store it. A raw image for a provision is written into the
+//!    volume in the same pass when this job creates the volume, which it
+//!    then does here, before the download (see [`crate::write::VolumeTee`]
+//!    for why that is safe); the later stages find it written.
 //! 2. `inspecting`: for qcow2 our own header reader and `qemu-img check`,
 //!    then `qemu-img info -f <image_type>` (see [`crate::inspect`]); refuse
 //!    backing files, external data files, encryption, corrupt or truncated
