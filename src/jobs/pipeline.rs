@@ -419,6 +419,9 @@ impl Pipeline {
                     if let Some(digest) = &expected {
                         if let Some(entry) = self.cache.lookup(digest, false) {
                             log::info!("{ctx} stage=downloading: cache hit {digest} (just stored)");
+                            // Jobs that joined this flight meanwhile take
+                            // the same entry instead of trying again.
+                            guard.finish(digest.clone());
                             return Ok(self.use_entry(id, entry, digest, true).into());
                         }
                     }
