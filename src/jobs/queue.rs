@@ -6,8 +6,8 @@
 //! that serve the API, and so do the qemu-img processes they start (a child
 //! inherits its thread's nice value): on a busy host, hashing and
 //! converting take whatever CPU the API leaves, and a status request does
-//! not wait behind them (measured: p99 21 ms at 500 requests/s during a
-//! provision on 2 cores without it).
+//! not wait behind them. The price: on a host whose other processes keep
+//! the CPUs busy, jobs get a smaller share than a nice 0 job would.
 
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
