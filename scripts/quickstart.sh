@@ -143,62 +143,11 @@ curl -sSf -o /dev/null "$image_url.sha256" || die "cannot fetch $image_url.sha25
 printf '    %s\n' "$image_url"
 
 # ---------------------------------------------------------------- daemon
-# free_port: a TCP port on 127.0.0.1 that nothing listens on right now.
-free_port() {
-    python3 -c 'import socket
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])
-s.close()'
-}
-
-tls=(--cacert "$certs/ca.crt" --cert "$certs/client.crt" --key "$certs/client.key")
-
-# start_daemon: starts it on a fresh free port; fails when it exits early.
-start_daemon() {
-    port="$(free_port)"
-    [ "$port" != "$http_port" ] || port="$(free_port)"
-    base="https://127.0.0.1:$port"
-    "$bin" serve \
-        --backend dir \
-        --volume-dir "$work/volumes" \
-        --cache-dir "$work/cache" \
-        --state-dir "$work/state" \
-        --tls-cert "$certs/server.crt" \
-        --tls-key "$certs/server.key" \
-        --client-ca "$certs/ca.crt" \
-        --listen "127.0.0.1:$port" \
-        >"$work/daemon.log" 2>&1 &
-    daemon_pid=$!
-    local deadline=$((SECONDS + start_timeout))
-    while [ "$SECONDS" -lt "$deadline" ]; do
-        if ! kill -0 "$daemon_pid" 2>/dev/null; then
-            wait "$daemon_pid" && return 2 || return $?
-        fi
-        if curl -sSf -o "$work/health.json" "${tls[@]}" "$base/health" 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.2
-    done
-    die "the daemon did not answer $base/health within ${start_timeout}s"
-}
-
+# shellcheck source=scripts/lib-daemon.sh
+. "$repo/scripts/lib-daemon.sh"
+daemon_extra=()
 say "starting the daemon (dir backend, mutual TLS)"
-attempt=1
-while true; do
-    rc=0
-    start_daemon || rc=$?
-    [ "$rc" -eq 0 ] && break
-    daemon_pid=""
-    # Exit status 3 with "cannot listen": someone took the port between our
-    # choice and the daemon's bind. Anything else is a real failure.
-    if [ "$rc" -eq 3 ] && grep -q 'cannot listen' "$work/daemon.log" && [ "$attempt" -lt 3 ]; then
-        attempt=$((attempt + 1))
-        say "port $port was taken meanwhile; trying another"
-        continue
-    fi
-    die "the daemon exited at start with status $rc"
-done
+start_dir_daemon "$http_port"
 [ "$(jq -r .status "$work/health.json")" = "healthy" ] || die "/health did not answer healthy"
 printf '    %s/health: %s\n' "$base" "$(jq -c . "$work/health.json")"
 

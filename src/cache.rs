@@ -3,12 +3,20 @@
 //! An entry is `<cache-dir>/<sha256>.img`: the image's bytes exactly as
 //! downloaded (qcow2 stays compressed), named by their SHA-256, with a
 //! small `<sha256>.json` beside it that records the size and source. A
-//! download goes to `.lvp-<job>.part` in the same directory and becomes an
-//! entry only by an atomic rename after the digest matched and the file,
-//! its record and the directory were fsynced, so a crash or a mismatch
-//! never leaves a file that looks like an entry. Before use an entry's size
-//! is checked against its record (its digest too with `--verify-cache`);
-//! an entry that fails is deleted and downloaded again. An entry's mtime
+//! download goes to `.lvp-<job>.part` in the same directory (zero blocks
+//! left as holes) and becomes an entry by an atomic rename once its digest
+//! matched, so a mismatch never leaves a file that looks like an entry.
+//!
+//! The entry's data is flushed to stable storage *after* the rename, on a
+//! thread of its own, once the job that downloaded it has flushed its
+//! volume (so the two flushes do not share the disk); only then is the
+//! record written (and synced). The record is the mark of a durable
+//! entry: an entry without one (a power cut came before its flush ended)
+//! is hashed again before any use, and deleted when it does not match.
+//! Within the running daemon an entry still being flushed is trusted as it
+//! is: the page cache holds exactly the bytes that were hashed. Before use
+//! an entry's size is checked against its record (its digest too with
+//! `--verify-cache`); an entry that fails is deleted and downloaded again. An entry's mtime
 //! is its last use, for least-recently-used eviction. Jobs that need the same image at the same time
 //! share one download: the first becomes the leader of a [`Flight`], the
 //! others wait for it and watch its progress.
@@ -25,7 +33,7 @@ const TEMP_PREFIX: &str = ".lvp-";
 const TEMP_SUFFIX: &str = ".part";
 
 /// What `<sha256>.json` records about an entry.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct EntryRecord {
     sha256: String,
     size: u64,
@@ -44,6 +52,69 @@ pub struct EntryInfo {
 }
 
 /// SHA-256 of a whole file, as lower-case hex.
+/// The pending flush of a committed entry: started by [`Flush::start`] or
+/// on drop, whichever comes first.
+pub struct Flush {
+    work: Option<FlushWork>,
+}
+
+/// The entry's file, its record to be, the cache directory, and the map
+/// of entries being flushed.
+type FlushWork = (File, EntryRecord, PathBuf, Arc<Mutex<HashMap<String, EntryRecord>>>);
+
+impl Flush {
+    pub fn start(mut self) {
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        let Some((file, record, dir, flushing)) = self.work.take() else { return };
+        let sha256 = record.sha256.clone();
+        let map = Arc::clone(&flushing);
+        let flush = move || {
+            let done = file
+                .sync_all()
+                .and_then(|()| write_record(&dir, &record))
+                .and_then(|()| File::open(&dir)?.sync_all());
+            flushing.lock().unwrap().remove(&record.sha256);
+            match done {
+                Ok(()) => log::debug!("cache entry {} is on stable storage", record.sha256),
+                Err(e) => log::warn!(
+                    "cache entry {}: flush failed ({e}); it will be hashed again before use",
+                    record.sha256
+                ),
+            }
+        };
+        if let Err(e) = std::thread::Builder::new().name("cache-flush".into()).spawn(flush) {
+            map.lock().unwrap().remove(&sha256);
+            log::warn!(
+                "cannot start the cache flush thread ({e}); entry {sha256} stays unrecorded"
+            );
+        }
+    }
+}
+
+impl Drop for Flush {
+    fn drop(&mut self) {
+        self.spawn();
+    }
+}
+
+impl EntryRecord {
+    fn new(sha256: &str, size: u64, source: &str) -> EntryRecord {
+        EntryRecord { sha256: sha256.to_string(), size, source: source.to_string() }
+    }
+}
+
+/// Writes `<sha256>.json` in `dir` atomically and durably.
+fn write_record(dir: &Path, record: &EntryRecord) -> io::Result<()> {
+    let temp = dir.join(format!("{TEMP_PREFIX}{}.json{TEMP_SUFFIX}", record.sha256));
+    let mut f = File::create(&temp)?;
+    f.write_all(&serde_json::to_vec(record).map_err(io::Error::other)?)?;
+    f.sync_all()?;
+    fs::rename(&temp, dir.join(format!("{}.json", record.sha256)))
+}
+
 pub fn hash_file(path: &Path) -> io::Result<String> {
     use sha2::{Digest, Sha256};
     let mut f = File::open(path)?;
@@ -62,6 +133,10 @@ pub fn hash_file(path: &Path) -> io::Result<String> {
 pub struct Cache {
     dir: PathBuf,
     flights: Mutex<HashMap<String, Arc<Flight>>>,
+    /// Entries committed by this daemon whose flush has not ended yet:
+    /// digest → its record to be. Trusted by [`Cache::lookup`] without a
+    /// record on disk.
+    flushing: Arc<Mutex<HashMap<String, EntryRecord>>>,
 }
 
 /// One download that several jobs wait for.
@@ -139,7 +214,8 @@ impl Cache {
     /// temporary files that an earlier run left behind.
     pub fn open(dir: &Path) -> io::Result<Cache> {
         fs::create_dir_all(dir)?;
-        let cache = Cache { dir: dir.to_path_buf(), flights: Mutex::default() };
+        let cache =
+            Cache { dir: dir.to_path_buf(), flights: Mutex::default(), flushing: Arc::default() };
         cache.sweep_temp_files()?;
         Ok(cache)
     }
@@ -183,18 +259,18 @@ impl Cache {
         Some(path)
     }
 
+    /// The entry's record: the one on disk, or the one its flush will
+    /// write.
     fn read_record(&self, sha256: &str) -> Option<EntryRecord> {
+        if let Some(pending) = self.flushing.lock().unwrap().get(sha256) {
+            return Some(pending.clone());
+        }
         let text = fs::read(self.record_path(sha256)).ok()?;
         serde_json::from_slice(&text).ok()
     }
 
     fn write_record(&self, sha256: &str, size: u64, source: &str) -> io::Result<()> {
-        let record = EntryRecord { sha256: sha256.to_string(), size, source: source.to_string() };
-        let temp = self.dir.join(format!("{TEMP_PREFIX}{sha256}.json{TEMP_SUFFIX}"));
-        let mut f = File::create(&temp)?;
-        f.write_all(&serde_json::to_vec(&record).map_err(io::Error::other)?)?;
-        f.sync_all()?;
-        fs::rename(&temp, self.record_path(sha256))
+        write_record(&self.dir, &EntryRecord::new(sha256, size, source))
     }
 
     /// Proves the cache directory still takes files.
@@ -298,24 +374,51 @@ impl Cache {
         Ok((path, file))
     }
 
-    /// Makes a verified download an entry: data to disk, its record, the
-    /// rename, then the directory to disk so the rename itself survives a
-    /// power cut.
+    /// Makes a verified download an entry: the rename at once; the data to
+    /// disk, its record, and the directory to disk come later, on a thread
+    /// of their own, when the returned [`Flush`] is started or dropped
+    /// (see the module doc for why this order is safe). The entry is usable
+    /// as soon as this returns. A job holds the flush until its volume is
+    /// flushed, so that the two do not share the disk.
     pub fn commit(
         &self,
         temp: &Path,
         file: File,
         sha256: &str,
         source: &str,
-    ) -> io::Result<PathBuf> {
-        file.sync_all()?;
+    ) -> io::Result<(PathBuf, Flush)> {
         let size = file.metadata()?.len();
-        drop(file);
-        self.write_record(sha256, size, &crate::fetch::redact(source))?;
+        // A record left from an earlier entry of this digest would vouch
+        // for the new file before its flush: remove it, durably, first.
+        // (Only after a failed delete; not on the usual path.)
+        match fs::remove_file(self.record_path(sha256)) {
+            Ok(()) => File::open(&self.dir)?.sync_all()?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         let entry = self.entry_path(sha256);
-        fs::rename(temp, &entry)?;
-        File::open(&self.dir)?.sync_all()?;
-        Ok(entry)
+        let record = EntryRecord::new(sha256, size, &crate::fetch::redact(source));
+        self.flushing.lock().unwrap().insert(sha256.to_string(), record.clone());
+        if let Err(e) = fs::rename(temp, &entry) {
+            self.flushing.lock().unwrap().remove(sha256);
+            return Err(e);
+        }
+        let flush =
+            Flush { work: Some((file, record, self.dir.clone(), Arc::clone(&self.flushing))) };
+        Ok((entry, flush))
+    }
+
+    /// Waits until every entry this daemon committed is on stable storage
+    /// (or its flush failed). For tests and an orderly shutdown.
+    pub fn wait_flushed(&self, patience: Duration) -> bool {
+        let deadline = std::time::Instant::now() + patience;
+        while !self.flushing.lock().unwrap().is_empty() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
     }
 
     fn sweep_temp_files(&self) -> io::Result<()> {
@@ -354,7 +457,8 @@ mod tests {
         let (tmp, file) = cache.temp_file("job1").unwrap();
         fs::write(&tmp, b"abc").unwrap();
         assert!(cache.lookup(ABC, false).is_none());
-        let entry = cache.commit(&tmp, file, ABC, "http://h/x?sig=1").unwrap();
+        let (entry, flush) = cache.commit(&tmp, file, ABC, "http://h/x?sig=1").unwrap();
+        flush.start();
         assert_eq!(fs::read(&entry).unwrap(), b"abc");
         assert_eq!(cache.lookup(ABC, false), Some(entry.clone()));
         assert_eq!(cache.lookup(ABC, true), Some(entry));
@@ -374,7 +478,7 @@ mod tests {
         let (tmp, file) = cache.temp_file(job).unwrap();
         fs::write(&tmp, data).unwrap();
         let sha = hash_file(&tmp).unwrap();
-        cache.commit(&tmp, file, &sha, &format!("http://h/{job}")).unwrap();
+        cache.commit(&tmp, file, &sha, &format!("http://h/{job}")).unwrap().1.start();
         sha
     }
 

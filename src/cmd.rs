@@ -24,6 +24,10 @@ const STDERR_TAIL_BYTES: usize = 4096;
 /// How often a running child is checked for cancellation.
 const CANCEL_POLL: Duration = Duration::from_millis(100);
 
+/// First wait for a child whose stdout has closed to exit; doubled up to
+/// [`CANCEL_POLL`].
+const EXIT_POLL_FIRST: Duration = Duration::from_millis(1);
+
 /// Why a child process did not succeed.
 #[derive(Debug)]
 pub enum CmdError {
@@ -229,6 +233,10 @@ fn run_inner(
         }
     }
     let is_cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
+    // stdout closes a moment before the child exits: wait in short naps
+    // that grow to CANCEL_POLL, so a quick qemu-img costs milliseconds
+    // here, not a whole poll interval (it once cost up to 100 ms a run).
+    let mut nap = EXIT_POLL_FIRST;
     let status = loop {
         if cancelled || is_cancelled() {
             guard.kill_and_reap();
@@ -236,7 +244,10 @@ fn run_inner(
         }
         match guard.try_wait() {
             Ok(Some(status)) => break Some(Ok(status)),
-            Ok(None) => thread::sleep(CANCEL_POLL),
+            Ok(None) => {
+                thread::sleep(nap);
+                nap = (nap * 2).min(CANCEL_POLL);
+            }
             Err(err) => break Some(Err(err)),
         }
     };

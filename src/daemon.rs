@@ -25,6 +25,9 @@ use crate::jobs::table::JobTable;
 use crate::jobs::Status;
 use crate::metrics::Metrics;
 
+/// How long the daemon waits at exit for cache entries still being flushed.
+const CACHE_FLUSH_GRACE: Duration = Duration::from_secs(10);
+
 /// How long cancelled jobs get to roll back before the daemon exits anyway.
 const ROLLBACK_GRACE: Duration = Duration::from_secs(60);
 
@@ -72,6 +75,7 @@ pub fn run(config: Config) -> Result<(), String> {
         libvirt: crate::libvirt::PoolRefresher::new(config.libvirt_pool.clone()),
         verify_cache: config.verify_cache,
         cache_max_bytes: config.cache_max_bytes,
+        inspected: Default::default(),
         keep_tail: config.keep_tail,
     });
     let backend_kind = pipeline.backend.kind();
@@ -132,6 +136,11 @@ pub fn run(config: Config) -> Result<(), String> {
     door.run(&stop);
 
     drain(&ctx, config.shutdown_grace);
+    // Cache entries are flushed after their job goes on (see cache.rs);
+    // give the last ones a moment so the next start need not hash them.
+    if !ctx.pipeline.cache.wait_flushed(CACHE_FLUSH_GRACE) {
+        log::warn!("cache entries still flushing at exit; they are hashed again before next use");
+    }
     // Every job is final and journaled (or reported above); idle workers
     // and HTTP threads end with the process.
     drop(workers);

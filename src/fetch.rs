@@ -1,10 +1,12 @@
-//! Image downloads with ureq: streaming to a file while hashing, and the
+//! Image downloads with ureq: streaming to a [`Sink`] while hashing, and the
 //! `<image_url>.sha256` sidecar.
 //!
-//! Bytes are written to the caller's file exactly as the server sends them
-//! (no content decoding) and hashed on the way, so the file is never read
-//! back to be verified. The stall timeout bounds the wait for each read: a
-//! server that stops sending fails the download instead of hanging a worker.
+//! Bytes go to the caller's sink exactly as the server sends them (no
+//! content decoding) and are hashed on the way, so nothing is read back to
+//! be verified. One thread receives; a helper thread hashes (SHA-NI where
+//! the CPU has it: sha2 detects it at run time) and stores, so the two
+//! overlap. The stall timeout bounds the wait for each read: a server that
+//! stops sending fails the download instead of hanging a worker.
 //!
 //! Every GET goes through [`Fetcher::get`], which follows redirects itself
 //! (ureq's own following is off) so that each hop is checked against the
@@ -16,7 +18,7 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -34,6 +36,10 @@ use crate::s3::S3Signer;
 /// efficient, small enough that cancel is noticed quickly.
 const CHUNK: usize = 256 * 1024;
 
+/// Download buffers in flight between the receiving thread and the one
+/// that hashes and stores: enough to keep both busy, 1 MiB in all.
+const BUFFERS: usize = 4;
+
 /// Largest sidecar we read: a `sha256sum` listing of many files.
 const SIDECAR_LIMIT: u64 = 64 * 1024;
 
@@ -50,7 +56,8 @@ pub enum FetchError {
     Status { url: String, code: u16 },
     /// The connection failed, timed out or broke mid-body.
     Transport { url: String, source: ureq::Error },
-    /// Writing the downloaded bytes to the cache file failed.
+    /// Writing the downloaded bytes failed: to the cache file, or for a raw
+    /// image to the new volume (which may be too small).
     Write { source: io::Error },
     /// The server broke the transfer in a way HTTP allows (short body,
     /// wrong range).
@@ -77,7 +84,7 @@ impl fmt::Display for FetchError {
         match self {
             FetchError::Status { url, code } => write!(f, "GET {url} answered HTTP {code}"),
             FetchError::Transport { url, .. } => write!(f, "GET {url} failed"),
-            FetchError::Write { .. } => write!(f, "writing the download to the cache failed"),
+            FetchError::Write { .. } => write!(f, "storing the downloaded bytes failed"),
             FetchError::Broken { url, reason } => write!(f, "GET {url}: {reason}"),
             FetchError::Sidecar { url, reason } => write!(f, "digest file {url}: {reason}"),
             FetchError::Cancelled => write!(f, "download cancelled"),
@@ -114,6 +121,92 @@ impl std::error::Error for FetchError {
             _ => None,
         }
     }
+}
+
+/// Where downloaded bytes go: the cache's temporary file, and for a raw
+/// image possibly a new volume as well (see [`crate::write::VolumeTee`]).
+pub trait Sink {
+    /// The server announced `len` bytes in all; a sink that cannot take
+    /// that many refuses here, before any byte arrives.
+    fn expect(&mut self, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    /// Takes `data`, the bytes of the image from `offset` on. Offsets only
+    /// grow, and follow one another, until a [`Sink::reset`].
+    fn put(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Forgets every byte so far: the download starts over.
+    fn reset(&mut self) -> io::Result<()>;
+    /// The download ended whole at `len` bytes.
+    fn finish(&mut self, len: u64) -> io::Result<()>;
+}
+
+/// A file that takes a download and leaves every all-zero block of
+/// [`SPARSE_BLOCK`] bytes as a hole: a raw image, mostly zeros, then costs
+/// its data in writes and in the flush, not its whole length. Reads see
+/// the same bytes either way.
+pub struct SparseFile {
+    pub file: File,
+}
+
+/// The granularity of holes in a [`SparseFile`]: a multiple of every
+/// common file system block size.
+pub const SPARSE_BLOCK: usize = 64 * 1024;
+
+impl Sink for SparseFile {
+    fn put(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        write_skipping_zeros(&self.file, offset, data)
+    }
+
+    fn reset(&mut self) -> io::Result<()> {
+        self.file.set_len(0)
+    }
+
+    fn finish(&mut self, len: u64) -> io::Result<()> {
+        // A trailing hole needs the length set; set it always.
+        self.file.set_len(len)
+    }
+}
+
+/// Writes `data` at `offset` in `file`, skipping the all-zero blocks of
+/// [`SPARSE_BLOCK`] bytes (counted from `offset`) and merging the rest into
+/// as few writes as possible. Only for a file whose skipped range already
+/// reads as zeros.
+pub fn write_skipping_zeros(file: &File, offset: u64, data: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut run_start: Option<usize> = None;
+    let mut at = 0;
+    for block in data.chunks(SPARSE_BLOCK) {
+        let zero = is_zero(block);
+        match (zero, run_start) {
+            (true, Some(start)) => {
+                file.write_all_at(&data[start..at], offset + start as u64)?;
+                run_start = None;
+            }
+            (false, None) => run_start = Some(at),
+            _ => {}
+        }
+        at += block.len();
+    }
+    if let Some(start) = run_start {
+        file.write_all_at(&data[start..], offset + start as u64)?;
+    }
+    Ok(())
+}
+
+/// Whether every byte of `buf` is zero. ORs 64-byte groups together so the
+/// compiler can use vector registers.
+pub fn is_zero(buf: &[u8]) -> bool {
+    let mut groups = buf.chunks_exact(64);
+    for group in &mut groups {
+        let mut acc = 0u64;
+        for word in group.chunks_exact(8) {
+            acc |= u64::from_ne_bytes(word.try_into().unwrap());
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    groups.remainder().iter().all(|&b| b == 0)
 }
 
 /// What a finished download produced.
@@ -320,7 +413,7 @@ impl Fetcher {
     pub fn download(
         &self,
         url: &str,
-        out: &mut File,
+        out: &mut (dyn Sink + Send),
         cancel: &AtomicBool,
         progress: &mut dyn FnMut(u64, Option<u64>),
     ) -> Result<Downloaded, FetchError> {
@@ -337,6 +430,7 @@ impl Fetcher {
             let before = state.done;
             match self.attempt(&mut state, out, cancel, progress) {
                 Ok(()) => {
+                    out.finish(state.done).map_err(|source| FetchError::Write { source })?;
                     let sha256 = crate::tokens::hex(&state.hasher.finalize());
                     return Ok(Downloaded { sha256, bytes: state.done });
                 }
@@ -370,7 +464,7 @@ impl Fetcher {
     fn attempt(
         &self,
         st: &mut Transfer,
-        out: &mut File,
+        out: &mut (dyn Sink + Send),
         cancel: &AtomicBool,
         progress: &mut dyn FnMut(u64, Option<u64>),
     ) -> Result<(), Attempt> {
@@ -432,29 +526,77 @@ impl Fetcher {
             }
             _ => return Err(Attempt::Fatal(FetchError::Status { url: st.shown.clone(), code })),
         }
-        let mut reader = resp.into_body().into_reader();
-        let mut buf = vec![0u8; CHUNK];
-        progress(st.done, st.total);
-        loop {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(Attempt::Fatal(FetchError::Cancelled));
-            }
-            let n = match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    let source = ureq::Error::Io(e);
-                    let url = st.shown.clone();
-                    return Err(Attempt::Retry(FetchError::Transport { url, source }));
-                }
-            };
-            st.hasher.update(&buf[..n]);
-            out.write_all(&buf[..n])
-                .map_err(|source| Attempt::Fatal(FetchError::Write { source }))?;
-            st.done += n as u64;
-            progress(st.done, st.total);
+        if let Some(total) = st.total {
+            out.expect(total).map_err(|source| Attempt::Fatal(FetchError::Write { source }))?;
         }
+        let mut reader = resp.into_body().into_reader();
+        progress(st.done, st.total);
+        // Two threads: this one receives, a helper hashes and stores, so
+        // SHA-256 and the writes overlap the network instead of following
+        // it. Buffers go round between them; at most BUFFERS are in flight.
+        let (full_tx, full_rx) = crossbeam_channel::bounded::<(Vec<u8>, usize)>(BUFFERS);
+        let (empty_tx, empty_rx) = crossbeam_channel::bounded::<Vec<u8>>(BUFFERS);
+        for _ in 0..BUFFERS {
+            let _ = empty_tx.send(vec![0u8; CHUNK]);
+        }
+        let (shown, st_total) = (st.shown.clone(), st.total);
+        let mut received = st.done;
+        let (outcome, taken) = std::thread::scope(|scope| {
+            let consumer = scope.spawn(|| -> Result<(), Attempt> {
+                for (buf, n) in full_rx {
+                    st.take(out, &buf[..n])?;
+                    let _ = empty_tx.send(buf);
+                }
+                Ok(())
+            });
+            let outcome = (|| -> Result<(), Attempt> {
+                let mut ended = false;
+                while !ended {
+                    if cancel.load(Ordering::Relaxed) {
+                        return Err(Attempt::Fatal(FetchError::Cancelled));
+                    }
+                    // The helper stopped (a write failed): it says why.
+                    let Ok(mut buf) = empty_rx.recv() else { return Ok(()) };
+                    // Fill the whole buffer (or reach the end), so that the
+                    // sink sees CHUNK-aligned blocks and can leave whole
+                    // zero blocks as holes.
+                    let mut n = 0;
+                    let mut failed = None;
+                    while n < buf.len() {
+                        match reader.read(&mut buf[n..]) {
+                            Ok(0) => {
+                                ended = true;
+                                break;
+                            }
+                            Ok(got) => n += got,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
+                            }
+                        }
+                    }
+                    // Keep what arrived whole: a resume starts after it.
+                    if n > 0 && full_tx.send((buf, n)).is_err() {
+                        return Ok(());
+                    }
+                    received += n as u64;
+                    progress(received, st_total);
+                    if let Some(e) = failed {
+                        let source = ureq::Error::Io(e);
+                        let url = shown.clone();
+                        return Err(Attempt::Retry(FetchError::Transport { url, source }));
+                    }
+                }
+                Ok(())
+            })();
+            drop(full_tx);
+            let taken = consumer.join().expect("the hashing thread does not panic");
+            (outcome, taken)
+        });
+        // A failed write outranks what the receiving side saw.
+        taken?;
+        outcome?;
         if let Some(total) = st.total {
             if st.done < total {
                 let reason = format!("connection closed at byte {} of {total}", st.done);
@@ -496,11 +638,17 @@ struct Transfer<'a> {
 }
 
 impl Transfer<'_> {
+    /// Hashes `data`, the bytes that follow `done`, and hands them to `out`.
+    fn take(&mut self, out: &mut (dyn Sink + Send), data: &[u8]) -> Result<(), Attempt> {
+        self.hasher.update(data);
+        out.put(self.done, data).map_err(|source| Attempt::Fatal(FetchError::Write { source }))?;
+        self.done += data.len() as u64;
+        Ok(())
+    }
+
     /// Throws away what was downloaded so far.
-    fn restart(&mut self, out: &mut File) -> Result<(), Attempt> {
-        let write = |source| Attempt::Fatal(FetchError::Write { source });
-        out.set_len(0).map_err(write)?;
-        out.seek(SeekFrom::Start(0)).map_err(write)?;
+    fn restart(&mut self, out: &mut (dyn Sink + Send)) -> Result<(), Attempt> {
+        out.reset().map_err(|source| Attempt::Fatal(FetchError::Write { source }))?;
         self.hasher = Sha256::new();
         self.done = 0;
         self.total = None;
@@ -834,7 +982,46 @@ pub fn normalize_sha256(text: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    use std::fs;
+
     const D: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    #[test]
+    fn test_is_zero() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&[0u8; 200]));
+        for at in [0, 63, 64, 130, 199] {
+            let mut b = [0u8; 200];
+            b[at] = 1;
+            assert!(!is_zero(&b), "a one at {at} is seen");
+        }
+    }
+
+    /// The sparse sink keeps every byte and leaves zero blocks unallocated.
+    #[test]
+    fn test_sparse_file_holds_the_bytes_with_holes() {
+        use std::os::unix::fs::MetadataExt;
+        let path = std::env::temp_dir().join(format!("lvp-sparse-{}", std::process::id()));
+        let file = File::options().create(true).truncate(true).read(true).write(true).open(&path);
+        let mut sink = SparseFile { file: file.unwrap() };
+        let block = SPARSE_BLOCK;
+        let mut data = vec![0u8; 64 * block];
+        data[3 * block + 5] = 7; // one block of data in 64
+        data[40 * block..41 * block].fill(9);
+        // Offsets that are not block multiples, as a resumed download has.
+        let (a, b) = data.split_at(10 * block + 123);
+        sink.put(0, a).unwrap();
+        sink.put(a.len() as u64, b).unwrap();
+        sink.finish(data.len() as u64).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), data);
+        let allocated = fs::metadata(&path).unwrap().blocks() * 512;
+        assert!(allocated <= 4 * block as u64, "{allocated} bytes allocated for 2 data blocks");
+        sink.reset().unwrap();
+        sink.put(0, b"abc").unwrap();
+        sink.finish(3).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"abc", "reset forgets the earlier bytes");
+        fs::remove_file(&path).unwrap();
+    }
 
     #[test]
     fn test_sidecar_forms() {

@@ -3,16 +3,22 @@
 //!
 //! qcow2 goes through `qemu-img convert -n -f qcow2 -O raw` (`-n`: the
 //! volume already exists; `--target-is-zero` only when the volume provably
-//! reads as zeros). raw is copied by us, skipping all-zero blocks when the
-//! volume reads as zeros, so a sparse image stays sparse.
+//! reads as zeros). raw is copied by us: when the volume reads as zeros,
+//! only the cache entry's data extents are read (SEEK_DATA/SEEK_HOLE) and
+//! their all-zero blocks skipped, so a sparse image stays sparse and its
+//! holes cost nothing; otherwise every byte is written. A raw image that a
+//! job downloads into a volume it created is written on the way instead
+//! ([`VolumeTee`]), and this copy does not happen at all.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::cmd::{self, CmdError};
+use crate::fetch::{write_skipping_zeros, Sink, SparseFile};
 use crate::volume::Volume;
 
 /// Copy block size for raw images.
@@ -97,30 +103,162 @@ pub fn copy_raw(
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(), WriteError> {
-    let mut src = File::open(image).map_err(WriteError::Io)?;
-    let mut dst = OpenOptions::new().write(true).open(&volume.path).map_err(WriteError::Io)?;
+    let src = File::open(image).map_err(WriteError::Io)?;
+    let dst = OpenOptions::new().write(true).open(&volume.path).map_err(WriteError::Io)?;
     let mut buf = vec![0u8; BLOCK];
-    let mut done = 0u64;
-    while done < len {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(WriteError::Cancelled);
+    // Ranges of the image to copy: only its data extents when the volume
+    // reads as zeros (a hole is zeros already there), else all of it.
+    let extents = if volume.reads_as_zero {
+        data_extents(&src, len).map_err(WriteError::Io)?
+    } else {
+        vec![(0, len)]
+    };
+    for (start, end) in extents {
+        let mut at = start;
+        while at < end {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(WriteError::Cancelled);
+            }
+            let want = (end - at).min(BLOCK as u64) as usize;
+            src.read_exact_at(&mut buf[..want], at).map_err(WriteError::Io)?;
+            if volume.reads_as_zero {
+                write_skipping_zeros(&dst, at, &buf[..want]).map_err(WriteError::Io)?;
+            } else {
+                dst.write_all_at(&buf[..want], at).map_err(WriteError::Io)?;
+            }
+            at += want as u64;
+            progress(at);
         }
-        let want = (len - done).min(BLOCK as u64) as usize;
-        src.read_exact(&mut buf[..want]).map_err(WriteError::Io)?;
-        if volume.reads_as_zero && buf[..want].iter().all(|&b| b == 0) {
-            dst.seek(SeekFrom::Current(want as i64)).map_err(WriteError::Io)?;
-        } else {
-            dst.write_all(&buf[..want]).map_err(WriteError::Io)?;
-        }
-        done += want as u64;
-        progress(done);
     }
+    progress(len);
     Ok(())
+}
+
+/// The data extents of the first `len` bytes of `file`, as (start, end)
+/// pairs, from SEEK_DATA and SEEK_HOLE. A file system without them reports
+/// the whole file as data, which is still correct.
+fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut at = 0i64;
+    while (at as u64) < len {
+        // SAFETY: lseek on a descriptor we own; no memory is touched.
+        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after `at`: the rest is a hole
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let end = (hole as u64).min(len);
+        if (data as u64) < end {
+            out.push((data as u64, end));
+        }
+        at = hole;
+    }
+    Ok(out)
+}
+
+/// The sink of a raw image's download when the job created its volume:
+/// every block goes to the cache's temporary file and, at the same offset,
+/// into the volume (zero blocks skipped when the volume reads as zeros).
+/// The volume gets bytes whose digest is not known yet; that is safe only
+/// because the volume is this job's own and a failed job, a digest
+/// mismatch included, removes it (a restart does the same from the
+/// journal). A volume the job did not create is never handed here.
+pub struct VolumeTee {
+    cache: SparseFile,
+    volume: Option<(File, Volume)>,
+    /// End of the highest range written into the volume, to wipe on reset.
+    high: u64,
+}
+
+impl VolumeTee {
+    /// A sink for the cache file alone when `volume` is `None`.
+    pub fn new(cache: SparseFile, volume: Option<&Volume>) -> io::Result<VolumeTee> {
+        let volume = match volume {
+            Some(v) if v.created => {
+                Some((OpenOptions::new().write(true).open(&v.path)?, v.clone()))
+            }
+            _ => None,
+        };
+        Ok(VolumeTee { cache, volume, high: 0 })
+    }
+
+    /// Whether the volume is written too.
+    pub fn streams(&self) -> bool {
+        self.volume.is_some()
+    }
+
+    pub fn into_cache_file(self) -> File {
+        self.cache.file
+    }
+
+    fn too_large(len: u64, size: u64) -> io::Error {
+        io::Error::other(format!(
+            "the image is larger than the volume ({len} bytes or more, the volume has {size}); \
+             ask for a larger volume_size_gb"
+        ))
+    }
+}
+
+impl Sink for VolumeTee {
+    fn expect(&mut self, len: u64) -> io::Result<()> {
+        match &self.volume {
+            Some((_, v)) if len > v.size => Err(Self::too_large(len, v.size)),
+            _ => Ok(()),
+        }
+    }
+
+    fn put(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.cache.put(offset, data)?;
+        if let Some((file, v)) = &self.volume {
+            let end = offset + data.len() as u64;
+            if end > v.size {
+                return Err(Self::too_large(end, v.size));
+            }
+            if v.reads_as_zero {
+                write_skipping_zeros(file, offset, data)?;
+            } else {
+                file.write_all_at(data, offset)?;
+            }
+            self.high = self.high.max(end);
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) -> io::Result<()> {
+        self.cache.reset()?;
+        if let Some((file, _)) = &self.volume {
+            // The volume must read as zeros again where the aborted
+            // attempt wrote, or zero blocks of the next would be skipped
+            // over stale bytes.
+            let never = AtomicBool::new(false);
+            zero_range(file, 0, self.high, &never).map_err(|e| match e {
+                WriteError::Io(e) => e,
+                other => io::Error::other(other.to_string()),
+            })?;
+            self.high = 0;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, len: u64) -> io::Result<()> {
+        self.cache.finish(len)
+    }
 }
 
 /// Ends a write: zeroes the volume from `image_end` to its end unless it
 /// provably reads as zeros there (or `keep_tail`), then flushes the
-/// volume's data to stable storage (fdatasync on the file or device).
+/// volume's data to stable storage (fdatasync on the file or device), and
+/// for a file the job created, its directory.
 ///
 /// Without the zeroing, a reused volume, or a new plain LV on extents an
 /// old LV used, would show the guest whatever lay there before: another
@@ -135,7 +273,15 @@ pub fn finish_volume(
     if !volume.reads_as_zero && !keep_tail && volume.size > image_end {
         zero_range(&f, image_end, volume.size - image_end, cancel)?;
     }
-    f.sync_data().map_err(WriteError::Io)
+    f.sync_data().map_err(WriteError::Io)?;
+    // A file this job created also needs its directory entry on disk (a
+    // device node of an LV does not; LVM keeps its own metadata).
+    if volume.created && f.metadata().map_err(WriteError::Io)?.is_file() {
+        if let Some(dir) = volume.path.parent() {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(WriteError::Io)?;
+        }
+    }
+    Ok(())
 }
 
 /// Makes `len` bytes from `offset` read as zeros: by fallocate where the
@@ -160,8 +306,7 @@ fn zero_range(f: &File, offset: u64, len: u64, cancel: &AtomicBool) -> Result<()
             return Err(WriteError::Cancelled);
         }
         let n = (len - done).min(BLOCK as u64) as usize;
-        std::os::unix::fs::FileExt::write_all_at(f, &zeros[..n], offset + done)
-            .map_err(WriteError::Io)?;
+        f.write_all_at(&zeros[..n], offset + done).map_err(WriteError::Io)?;
         done += n as u64;
     }
     Ok(())
@@ -170,7 +315,73 @@ fn zero_range(f: &File, offset: u64, len: u64, cancel: &AtomicBool) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::path::PathBuf;
+
+    fn scratch(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("lvp-write-{tag}-{}", std::process::id()))
+    }
+
+    fn volume_at(path: &Path, size: u64, reads_as_zero: bool) -> Volume {
+        File::create(path).unwrap().set_len(size).unwrap();
+        Volume { name: "v".into(), path: path.to_path_buf(), size, created: true, reads_as_zero }
+    }
+
+    /// A sparse image copied into a zeroed volume: the same bytes, and its
+    /// holes stay holes; into a volume that does not read as zeros, stale
+    /// bytes under the image's holes are overwritten.
+    #[test]
+    fn test_copy_raw_follows_data_extents_and_overwrites_stale_bytes() {
+        use std::os::unix::fs::MetadataExt;
+        let (image, vol) = (scratch("img"), scratch("vol"));
+        let len = 8 << 20;
+        let f = File::create(&image).unwrap();
+        f.set_len(len).unwrap();
+        f.write_all_at(&[5u8; 4096], 1 << 20).unwrap();
+        f.write_all_at(&[6u8; 100], len - 100).unwrap();
+        drop(f);
+        let never = AtomicBool::new(false);
+        let v = volume_at(&vol, 16 << 20, true);
+        copy_raw(&image, len, &v, &never, &mut |_| {}).unwrap();
+        assert_eq!(fs::read(&vol).unwrap()[..len as usize], fs::read(&image).unwrap()[..]);
+        assert!(fs::metadata(&vol).unwrap().blocks() * 512 <= 1 << 20, "holes stay holes");
+
+        let v = volume_at(&vol, 16 << 20, false);
+        File::options().write(true).open(&vol).unwrap().write_all_at(&[1u8; 8192], 0).unwrap();
+        copy_raw(&image, len, &v, &never, &mut |_| {}).unwrap();
+        assert_eq!(fs::read(&vol).unwrap()[..len as usize], fs::read(&image).unwrap()[..]);
+        fs::remove_file(&image).unwrap();
+        fs::remove_file(&vol).unwrap();
+    }
+
+    /// The tee writes the volume at the download's offsets, refuses bytes
+    /// past the volume's end, and after a reset the volume reads as zeros
+    /// again where the aborted attempt wrote.
+    #[test]
+    fn test_volume_tee_writes_refuses_overflow_and_wipes_on_reset() {
+        let (cache, vol) = (scratch("tee-cache"), scratch("tee-vol"));
+        let v = volume_at(&vol, 1 << 20, true);
+        let cache_file = File::create(&cache).unwrap();
+        let mut tee = VolumeTee::new(SparseFile { file: cache_file }, Some(&v)).unwrap();
+        assert!(tee.streams());
+        assert!(tee.expect(2 << 20).is_err(), "an announced length past the volume is refused");
+        tee.put(0, &[7u8; 1000]).unwrap();
+        tee.put(1000, &[8u8; 24]).unwrap();
+        tee.reset().unwrap();
+        assert!(fs::read(&vol).unwrap().iter().all(|&b| b == 0), "reset wipes the volume");
+        tee.put(0, &[9u8; 10]).unwrap();
+        assert!(tee.put((1 << 20) - 4, &[1u8; 8]).is_err(), "bytes past the end are refused");
+        tee.finish(10).unwrap();
+        assert_eq!(&fs::read(&vol).unwrap()[..11], &[9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 0]);
+        assert_eq!(fs::read(&cache).unwrap(), vec![9u8; 10]);
+
+        let reused = Volume { created: false, ..v };
+        let file = File::create(&cache).unwrap();
+        let tee = VolumeTee::new(SparseFile { file }, Some(&reused)).unwrap();
+        assert!(!tee.streams(), "a volume the job did not create is never streamed into");
+        fs::remove_file(&cache).unwrap();
+        fs::remove_file(&vol).unwrap();
+    }
 
     #[test]
     fn test_parse_progress() {

@@ -227,3 +227,57 @@ fn stalled_download_fails_after_the_download_timeout() {
     assert_eq!(cache_leftovers(&h.daemon.cache_dir), Vec::<String>::new());
     assert!(!h.daemon.volume("vm-stalled").exists());
 }
+
+/// A raw image is written into the volume it creates while it downloads
+/// (its digest is known only at the end): a mismatch must remove that
+/// volume with the rest, so unverified bytes never outlive the job.
+#[test]
+fn raw_digest_mismatch_removes_the_volume_it_was_streamed_into() {
+    let h = Harness::start("raw-mismatch", &[]);
+    let img = build_fs_image(h.image_dir(), "base", 17);
+    let wrong = "fedcba9876543210".repeat(4);
+    let mut body = h.request(&img.raw_name(), "vm-raw-mismatch", 1, "raw");
+    body["image_sha256"] = Value::from(wrong.clone());
+
+    let id = h.api.submit(&body);
+    let status = h.api.wait_final(&id, JOB_TIMEOUT);
+    let error = assert_failed(&status, "downloading", &["digest mismatch", &wrong]);
+    assert!(
+        h.daemon.log_text().contains("into the new volume while downloading"),
+        "the image was not streamed into the volume, so this test proves nothing"
+    );
+    assert!(error.contains("the volume this job created was removed"), "{error}");
+    assert!(!h.daemon.volume("vm-raw-mismatch").exists(), "the streamed-into volume is left");
+    assert_eq!(list_dir(&h.daemon.volume_dir), Vec::<String>::new());
+    assert_eq!(cache_leftovers(&h.daemon.cache_dir), Vec::<String>::new());
+}
+
+/// The other half of the rule: a volume that existed before the job is
+/// never written before the digest is known, so a mismatch leaves its
+/// content exactly as it was.
+#[test]
+fn raw_digest_mismatch_leaves_a_reused_volume_as_it_was() {
+    let h = Harness::start("raw-mismatch-reuse", &[]);
+    let img = build_fs_image(h.image_dir(), "base", 19);
+    let volume = h.daemon.volume("vm-raw-kept");
+    fs::create_dir_all(&h.daemon.volume_dir).unwrap();
+    let content = pseudo_random(4 * MIB as usize, 23);
+    {
+        let f = fs::File::create(&volume).unwrap();
+        f.set_len(GIB).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &content, 0).unwrap();
+    }
+    let before = sha256_file(&volume);
+    let mut body = h.request(&img.raw_name(), "vm-raw-kept", 1, "raw");
+    body["image_sha256"] = Value::from("00".repeat(32));
+
+    let id = h.api.submit(&body);
+    let status = h.api.wait_final(&id, JOB_TIMEOUT);
+    assert_failed(&status, "downloading", &["digest mismatch"]);
+    assert!(
+        !h.daemon.log_text().contains("while downloading"),
+        "a reused volume was streamed into"
+    );
+    assert!(volume.exists(), "a volume the job did not create is never removed");
+    assert_eq!(sha256_file(&volume), before, "the reused volume was written");
+}

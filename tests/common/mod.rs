@@ -655,6 +655,18 @@ impl Daemon {
         args: &dyn Fn(u16) -> Vec<String>,
         env: &[(&str, &str)],
     ) -> Daemon {
+        Daemon::start_program(dir, BIN, extra, args, env)
+    }
+
+    /// Starts `program` (the daemon, or a wrapper such as strace whose
+    /// `args` end with the daemon's command line) and waits for the port.
+    pub fn start_program(
+        dir: &TestDir,
+        program: &str,
+        extra: &[&str],
+        args: &dyn Fn(u16) -> Vec<String>,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         // The port is free when we look and taken by the daemon a moment
         // later; another process may win that race, so retry a few times.
         for attempt in 1..=3 {
@@ -663,14 +675,14 @@ impl Daemon {
             args.extend(extra.iter().map(|s| s.to_string()));
             let log = dir.join(format!("daemon-{port}.log"));
             let log_file = File::create(&log).unwrap();
-            let child = Command::new(BIN)
+            let child = Command::new(program)
                 .args(&args)
                 .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(log_file.try_clone().unwrap())
                 .stderr(log_file)
                 .spawn()
-                .unwrap_or_else(|e| panic!("spawn {BIN}: {e}"));
+                .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
             let mut daemon = Daemon {
                 child: Some(child),
                 addr: SocketAddr::from(([127, 0, 0, 1], port)),
