@@ -72,6 +72,10 @@ pub fn convert_argv(image: &Path, volume: &Volume) -> Vec<String> {
 }
 
 /// Converts a qcow2 image into the volume. `progress` gets a percentage.
+///
+/// Known limitation: unlike `qemu-img info` and `check`, the convert runs
+/// without address-space or CPU limits; the image has passed both (and our
+/// own header reader) by then.
 pub fn convert_qcow2(
     image: &Path,
     volume: &Volume,

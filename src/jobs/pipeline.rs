@@ -206,6 +206,8 @@ impl Pipeline {
         let (image, image_len) = (obtained.image, obtained.len);
         if req.kind == JobKind::Prefetch {
             // The image is verified and cached: that is all a prefetch does.
+            // Known limitation: it is not inspected, so a hostile image can
+            // sit in the cache until a provision refuses (and deletes) it.
             self.table.progress(id, Stage::Finalizing, image_len, Some(image_len));
             return Ok(());
         }
@@ -406,6 +408,9 @@ impl Pipeline {
             log::info!("{ctx} stage=downloading: cache miss {digest} (expected from {source})");
             self.metrics.cache_misses.inc();
         } else {
+            // Known limitation: without a digest before the download there
+            // is no key to look the cache up by, so such an image is
+            // downloaded by every job that names it.
             log::info!("{ctx} stage=downloading: no digest published; downloading to compute it");
             self.metrics.cache_misses.inc();
         }
@@ -492,6 +497,8 @@ impl Pipeline {
                     );
                     guard.finish(got.sha256.clone());
                     let (image, len) = self.use_entry(id, entry, &got.sha256, false);
+                    // Known limitation: eviction runs only here, when a new
+                    // entry is stored, not when the limit is lowered or time passes.
                     if let Some(max) = self.cache_max_bytes {
                         let (digests, urls) = self.table.images_in_use();
                         self.cache.evict(max, &digests, &urls);
@@ -604,6 +611,8 @@ pub fn recover_interrupted(table: &JobTable, backend: &dyn VolumeBackend, jobs: 
         let name = &job.request.volume_name;
         let undone = match job.volume_mark {
             VolumeMark::Untouched => String::new(),
+            // Known limitation: a reused volume is not ours to remove, and
+            // its old content is gone; it stays partly written.
             VolumeMark::Reused => {
                 "; the volume existed before the job and was left in place (it may hold a \
                  partly written image)"
