@@ -60,6 +60,17 @@ fn wrong_digest_fails_the_job_and_caches_nothing() {
     assert_failed(&status, "downloading", &["digest mismatch", &wrong]);
     assert_eq!(cache_leftovers(&h.daemon.cache_dir), Vec::<String>::new());
     assert_eq!(list_dir(&h.daemon.volume_dir), Vec::<String>::new(), "no volume was created");
+    // A bad source is the caller's to fix: a warning, not an operator alert.
+    assert_eq!(job_failure_level(&h.daemon.log_text(), &id), "WARN");
+}
+
+/// The level of the daemon's "job failed" line for job `id`.
+fn job_failure_level(log: &str, id: &str) -> &'static str {
+    let line = log
+        .lines()
+        .find(|l| l.contains(id) && l.contains("job failed after"))
+        .unwrap_or_else(|| panic!("no job failed line for {id} in\n{log}"));
+    ["ERROR", "WARN", "INFO"].into_iter().find(|lvl| line.contains(lvl)).unwrap_or("?")
 }
 
 #[test]
@@ -206,6 +217,8 @@ fn write_failure_removes_the_volume_the_job_created() {
     let status = h.api.wait_final(&id, JOB_TIMEOUT);
     assert_failed(&status, "converting", &["qemu-img", "removed"]);
     assert!(!h.daemon.volume("vm-cut").exists(), "the half-written volume must be removed");
+    // A failed write is the host's business: an error for the operator.
+    assert_eq!(job_failure_level(&h.daemon.log_text(), &id), "ERROR");
 }
 
 #[test]

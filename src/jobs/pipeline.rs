@@ -164,7 +164,19 @@ impl Pipeline {
                 if stop.cancelled {
                     log::info!("{ctx} stage={}: cancelled after {secs:.1}s{rollback}", stop.stage);
                 } else {
-                    log::error!("{ctx} stage={}: job failed after {secs:.1}s: {error}", stop.stage);
+                    // A bad source or a refused image is the caller's to fix,
+                    // and anyone holding a token can cause one: warn. Past
+                    // inspection, a failure is the host's (disk, LVM,
+                    // qemu-img): error, for the operator.
+                    let level = match stop.stage {
+                        Stage::Queued | Stage::Downloading | Stage::Inspecting => log::Level::Warn,
+                        _ => log::Level::Error,
+                    };
+                    log::log!(
+                        level,
+                        "{ctx} stage={}: job failed after {secs:.1}s: {error}",
+                        stop.stage
+                    );
                 }
                 self.table.finish(id, status, Some(error));
                 self.metrics.job_finished(status);
