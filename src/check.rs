@@ -64,13 +64,18 @@ pub fn run(serve_args: &[String]) -> ExitCode {
             print!("{}", early.output);
             return ExitCode::SUCCESS;
         }
-        Err(early) => early
-            .output
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with("Run "))
-            .map(|l| Finding::Error(format!("serve flags: {}", lower_first(l))))
-            .collect(),
+        Err(early) => {
+            let hints = crate::cli::usage_hints("libvirt-volume-provisioner", &args, &early.output);
+            early
+                .output
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("Run "))
+                .map(lower_first)
+                .chain(hints)
+                .map(|l| Finding::Error(format!("serve flags: {l}")))
+                .collect()
+        }
     };
     for f in &findings {
         println!("{f}");

@@ -207,6 +207,14 @@ fn check_reports_unparseable_serve_flags() {
     assert_eq!(code, 1);
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert!(lines[0].starts_with("error: serve flags: ") && lines[0].contains("--workers"));
+
+    // argh takes no `--flag=value`: the check says how to write it.
+    let (code, lines) = check(&["--backend=dir".to_string()]);
+    assert_eq!(code, 1);
+    assert!(
+        lines.iter().any(|l| l.contains("hint: write `--backend dir`, not `--backend=dir`")),
+        "{lines:#?}"
+    );
 }
 
 #[test]
