@@ -123,17 +123,10 @@ if [ -n "$ca_dir" ]; then
     for f in "$ca_crt" "$ca_key"; do
         [ -r "$f" ] || { echo "make-certs.sh: --ca-dir $ca_dir: cannot read $f" >&2; exit 1; }
     done
-    leaves=()
-    [ -z "$host" ] || leaves+=(server)
-    [ -z "$client_name" ] || leaves+=("$client_name")
-    for name in "${leaves[@]}"; do
-        for f in "$outdir/$name.key" "$outdir/$name.crt"; do
-            if [ -e "$f" ]; then
-                echo "make-certs.sh: $f already exists; refusing to replace it (use another OUTDIR or remove it)" >&2
-                exit 1
-            fi
-        done
-    done
+    if [ -d "$outdir" ] && [ "$(cd "$outdir" && pwd -P)" = "$(cd "$ca_dir" && pwd -P)" ]; then
+        echo "make-certs.sh: OUTDIR is the --ca-dir; the CA directory is only read: give another OUTDIR" >&2
+        exit 1
+    fi
     if [ -e "$outdir/ca.crt" ] && ! cmp -s "$outdir/ca.crt" "$ca_crt"; then
         echo "make-certs.sh: $outdir/ca.crt is not $ca_crt; refusing to mix two CAs in one directory" >&2
         exit 1
@@ -142,6 +135,24 @@ else
     ca_crt="$outdir/ca.crt"
     ca_key="$outdir/ca.key"
 fi
+
+# Never write through an existing file or symbolic link (even a dangling
+# one): a key must not replace another or land outside OUTDIR. --force
+# without --ca-dir replaces the whole set on purpose.
+leaves=()
+[ -n "$ca_dir" ] || leaves+=(ca client)
+[ -z "$host" ] || leaves+=(server)
+[ -z "$client_name" ] || leaves+=("$client_name")
+for name in "${leaves[@]}"; do
+    for f in "$outdir/$name.key" "$outdir/$name.crt"; do
+        if [ -L "$f" ] || { [ -e "$f" ] && [ "$force" -ne 1 ]; }; then
+            what="already exists"
+            [ -L "$f" ] && what="is a symbolic link"
+            echo "make-certs.sh: $f $what; refusing to write it (use another OUTDIR or remove it)" >&2
+            exit 1
+        fi
+    done
+done
 
 mkdir -p "$outdir"
 work="$(mktemp -d)"

@@ -162,14 +162,7 @@ impl InspectError {
 /// Inspects the image at `path` as `format`: for qcow2 our header reader
 /// and `qemu-img check` first, then `qemu-img info`.
 pub fn inspect(path: &Path, format: ImageType) -> Result<ImageInfo, InspectError> {
-    if format == ImageType::Qcow2 {
-        let header = qcow2::examine_file(path).map_err(|e| match e {
-            Qcow2Error::BackingFile { name } => InspectError::BackingFile { name },
-            Qcow2Error::DataFile { name } => InspectError::DataFile { name },
-            Qcow2Error::Encrypted { .. } => InspectError::Encrypted,
-            e => InspectError::Header(e),
-        })?;
-        log::debug!("qcow2 header of {}: {header:?}", path.display());
+    if read_header(path, format)?.is_some() {
         check_consistency(path)?;
     }
     let argv = info_argv(path, format);
@@ -177,6 +170,22 @@ pub fn inspect(path: &Path, format: ImageType) -> Result<ImageInfo, InspectError
         .map_err(|source| InspectError::Unreadable { format, source })?;
     log::debug!("qemu-img info {}: {}", path.display(), out.stdout.trim());
     parse_info(&out.stdout)
+}
+
+/// Our own reading of a qcow2 header (`None` for raw): cheap, no qemu-img,
+/// and it refuses backing files, data files and encryption by itself.
+pub fn read_header(path: &Path, format: ImageType) -> Result<Option<qcow2::Header>, InspectError> {
+    if format != ImageType::Qcow2 {
+        return Ok(None);
+    }
+    let header = qcow2::examine_file(path).map_err(|e| match e {
+        Qcow2Error::BackingFile { name } => InspectError::BackingFile { name },
+        Qcow2Error::DataFile { name } => InspectError::DataFile { name },
+        Qcow2Error::Encrypted { .. } => InspectError::Encrypted,
+        e => InspectError::Header(e),
+    })?;
+    log::debug!("qcow2 header of {}: {header:?}", path.display());
+    Ok(Some(header))
 }
 
 /// Runs `qemu-img check` on a qcow2 and refuses it on corruptions.

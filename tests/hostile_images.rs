@@ -298,3 +298,39 @@ fn tail_holds(path: &Path, needle: &[u8]) -> bool {
     f.read_exact(&mut tail).unwrap();
     tail.windows(needle.len()).any(|w| w == needle)
 }
+
+#[test]
+fn cache_entry_swapped_for_a_hostile_qcow2_after_inspection_is_refused() {
+    // Inspection verdicts are remembered per digest; an entry's bytes are
+    // checked only by size at each use. A same-size swap in the cache (a
+    // disk error, or someone with write access) must still not get a
+    // backing file past the daemon.
+    let h = Harness::start("hostile-swap", &[]);
+    let good = qcow2_with_data(h.image_dir(), "good.qcow2");
+    write_sidecar(&good);
+    let id = h.api.submit(&h.request("good.qcow2", "vm-good", 1, "qcow2"));
+    let status = h.api.wait_final(&id, JOB_TIMEOUT);
+    assert_eq!(status["status"], "completed", "{status:#}");
+    let entry = std::path::PathBuf::from(status["image_path"].as_str().unwrap());
+    let size = fs::metadata(&entry).unwrap().len();
+
+    let host = h.dir.mkdir("host");
+    let secret = host.join("secret.raw");
+    fs::write(&secret, SECRET.repeat(MIB as usize / SECRET.len())).unwrap();
+    let hostile = host.join("hostile.qcow2");
+    let (secret_s, hostile_s) = (secret.display().to_string(), hostile.display().to_string());
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &secret_s, &hostile_s, "8M"]);
+    let mut bytes = fs::read(&hostile).unwrap();
+    assert!(bytes.len() as u64 <= size, "the hostile image must fit the good one's size");
+    bytes.resize(size as usize, 0);
+    fs::write(&entry, &bytes).unwrap();
+
+    let id = h.api.submit(&h.request("good.qcow2", "vm-swapped", 1, "qcow2"));
+    let status = h.api.wait_final(&id, JOB_TIMEOUT);
+    assert_eq!(status["status"], "failed", "{status:#}");
+    assert_eq!(status["progress"]["stage"], "inspecting", "{status:#}");
+    let error = status["error"].as_str().unwrap_or_default();
+    assert!(error.contains("backing file"), "{error}");
+    assert!(!h.daemon.volume("vm-swapped").exists(), "a volume was created");
+    assert!(!entry.exists(), "the swapped entry must be deleted");
+}

@@ -103,3 +103,43 @@ fn help_prints_the_usage_and_succeeds() {
         assert!(text.starts_with("Usage: scripts/"), "{name} --help printed {text:?}");
     }
 }
+
+#[test]
+fn no_key_is_written_over_a_file_or_through_a_link_and_the_ca_dir_is_only_read() {
+    let dir = TestDir::new("make-certs-refusals");
+    let certs = |args: &[&std::path::Path]| {
+        run_any(Command::new(script("make-certs.sh")).args(args.iter().map(|p| p.as_os_str())))
+    };
+
+    // An existing server key in a directory without a CA stays as it is.
+    let kept = dir.mkdir("kept");
+    std::fs::write(kept.join("server.key"), "KEEP\n").unwrap();
+    let out = certs(&[std::path::Path::new("localhost"), &kept]);
+    assert!(!out.status.success(), "{}", output_text(&out));
+    assert!(output_text(&out).contains("server.key already exists"), "{}", output_text(&out));
+    assert_eq!(std::fs::read_to_string(kept.join("server.key")).unwrap(), "KEEP\n");
+
+    // A dangling link is not followed to write a key somewhere else.
+    let ca = dir.mkdir("ca");
+    make_certs(&ca);
+    let linked = dir.mkdir("linked");
+    let target = ca.join("planted.key");
+    std::os::unix::fs::symlink(&target, linked.join("server.key")).unwrap();
+    let out = certs(&[std::path::Path::new("--ca-dir"), &ca, std::path::Path::new("h2"), &linked]);
+    assert!(!out.status.success(), "{}", output_text(&out));
+    assert!(output_text(&out).contains("is a symbolic link"), "{}", output_text(&out));
+    assert!(!target.exists(), "a key was written through the link");
+
+    // OUTDIR may not be the CA directory itself.
+    let before = std::fs::read(ca.join("ca.key")).unwrap();
+    let out = certs(&[
+        std::path::Path::new("--ca-dir"),
+        &ca,
+        std::path::Path::new("--client-name"),
+        std::path::Path::new("ci"),
+        &ca,
+    ]);
+    assert!(!out.status.success(), "{}", output_text(&out));
+    assert!(!ca.join("ci.key").exists(), "a key was written into the CA directory");
+    assert_eq!(std::fs::read(ca.join("ca.key")).unwrap(), before);
+}

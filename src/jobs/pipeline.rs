@@ -35,11 +35,16 @@ use crate::cache::{Cache, Role};
 use crate::error::chain;
 use crate::fetch::{redact, FetchError, Fetcher, SparseFile};
 use crate::inspect;
+use crate::qcow2::Header;
 use crate::volume::{Volume, VolumeBackend};
 use crate::write;
 
 /// How often a job retries after the download it waited for failed.
 const FLIGHT_ATTEMPTS: usize = 3;
+
+/// A memoised inspection: what qemu-img found, and the qcow2 header (by
+/// our own reader) it found it in.
+type Inspected = (inspect::ImageInfo, Option<Header>);
 
 pub struct Pipeline {
     pub table: Arc<JobTable>,
@@ -57,7 +62,7 @@ pub struct Pipeline {
     pub keep_tail: bool,
     /// What inspection found, by image digest and format (see
     /// [`Pipeline::inspect_image`]).
-    pub inspected: Mutex<HashMap<(String, ImageType), inspect::ImageInfo>>,
+    pub inspected: Mutex<HashMap<(String, ImageType), Inspected>>,
 }
 
 /// Times the stage a job is in, for the stage-duration histogram and the
@@ -127,6 +132,9 @@ impl From<(PathBuf, u64)> for Obtained {
 struct Undo {
     temp_file: Option<PathBuf>,
     volume: Option<Volume>,
+    /// Whether the write stage began, so that a reused volume may have
+    /// been changed.
+    writing: bool,
 }
 
 impl Pipeline {
@@ -252,6 +260,14 @@ impl Pipeline {
         check(write_stage)?;
 
         self.enter(timer, write_stage);
+        undo.writing = true;
+        if !volume.created {
+            // A restart tells an untouched reused volume from a written one
+            // by this stage, so it must not be lost to a power cut.
+            if let Err(e) = self.table.update_durably(id, |_| {}) {
+                log::error!("{ctx}: could not journal the start of the write: {e}");
+            }
+        }
         let total = info.virtual_size;
         let written = match req.image_type {
             _ if obtained.streamed => {
@@ -296,31 +312,46 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Stage 2, through the memo: an image is inspected once per digest
-    /// and format in this daemon's life. A cache entry never changes (its
-    /// name is its digest, its size is checked at every use, its digest too
-    /// with `--verify-cache`), so neither does the verdict; a warm job then
-    /// starts writing at once instead of running qemu-img twice first.
+    /// Stage 2, through the memo: qemu-img inspects an image once per
+    /// digest and format in this daemon's life, so a warm job starts
+    /// writing at once instead of running qemu-img twice first. A cache
+    /// entry is named by its digest, but only its size is checked at each
+    /// use (its digest only with `--verify-cache`): so a memo hit still
+    /// reads the qcow2 header again with our own reader, which refuses a
+    /// backing file, a data file or encryption, and the header must be the
+    /// one qemu-img passed, or the image is inspected in full again.
     fn inspect_image(
         &self,
         ctx: &JobCtx,
         image: &std::path::Path,
         format: ImageType,
     ) -> Result<inspect::ImageInfo, Stop> {
-        let digest = image.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
-        let key = (digest, format);
-        if let Some(info) = self.inspected.lock().unwrap().get(&key) {
-            log::info!("{ctx} stage=inspecting: inspected before, {info:?}");
-            return Ok(info.clone());
-        }
-        let info = inspect::inspect(image, format).map_err(|e| {
+        let refuse = |e: inspect::InspectError| {
             let mut message = chain(&e);
             if e.condemns_image() {
                 message.push_str(&self.discard_refused(ctx, image));
             }
             Stop::fail(Stage::Inspecting, message)
+        };
+        let digest = image.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+        let key = (digest, format);
+        let header = inspect::read_header(image, format).map_err(|e| {
+            self.inspected.lock().unwrap().remove(&key);
+            refuse(e)
         })?;
-        self.inspected.lock().unwrap().insert(key, info.clone());
+        if let Some((info, seen)) = self.inspected.lock().unwrap().get(&key) {
+            if *seen == header {
+                log::info!("{ctx} stage=inspecting: inspected before, {info:?}");
+                return Ok(info.clone());
+            }
+            log::warn!(
+                "{ctx} stage=inspecting: cache entry {} changed since it was inspected; \
+                 inspecting it again",
+                image.display()
+            );
+        }
+        let info = inspect::inspect(image, format).map_err(refuse)?;
+        self.inspected.lock().unwrap().insert(key, (info.clone(), header));
         Ok(info)
     }
 
@@ -591,6 +622,9 @@ impl Pipeline {
         }
         match undo.volume {
             None => String::new(),
+            Some(v) if !v.created && !undo.writing => {
+                "; the existing volume was left in place, not written".to_string()
+            }
             Some(v) if !v.created => {
                 "; the existing volume was reused and is left in place (its content may be partly overwritten)"
                     .to_string()
@@ -623,6 +657,12 @@ pub fn recover_interrupted(table: &JobTable, backend: &dyn VolumeBackend, jobs: 
         let name = &job.request.volume_name;
         let undone = match job.volume_mark {
             VolumeMark::Untouched => String::new(),
+            // The write stage of a reused volume is journaled durably.
+            VolumeMark::Reused
+                if !matches!(stage, Stage::Converting | Stage::Copying | Stage::Finalizing) =>
+            {
+                "; the volume existed before the job and was left in place, not written".to_string()
+            }
             // Known limitation: a reused volume is not ours to remove, and
             // its old content is gone; it stays partly written.
             VolumeMark::Reused => {
