@@ -242,6 +242,9 @@ fn handle(ctx: &Ctx, mut request: tiny_http::Request) {
     // token), from where, what, and the outcome. At info, also for failed
     // authentication: one line per request, which a remote party cannot
     // multiply (see the connection cap and the front door's deadlines).
+    // Known limitation: the reply is out, but while the kernel throttles a
+    // disk busy flushing images this write can take tens of milliseconds,
+    // and the thread serves no other request meanwhile (README, Speed).
     log::info!(
         "req={} peer={caller} from={remote} {method} {} {status} {}ms{job}{failure}",
         &request_id[..8],
