@@ -267,32 +267,17 @@ fn argv(words: &[&str]) -> Vec<String> {
     words.iter().map(|w| w.to_string()).collect()
 }
 
+/// An lvm2 report of `fields` for `vg` as JSON, sizes in plain bytes.
+fn report_argv(tool: &str, fields: &str, vg: &str) -> Vec<String> {
+    argv(&[tool, "--reportformat", "json", "--units", "b", "--nosuffix", "-o", fields, vg])
+}
+
 pub fn vgs_argv(vg: &str) -> Vec<String> {
-    argv(&[
-        "vgs",
-        "--reportformat",
-        "json",
-        "--units",
-        "b",
-        "--nosuffix",
-        "-o",
-        "vg_name,vg_size,vg_free",
-        vg,
-    ])
+    report_argv("vgs", "vg_name,vg_size,vg_free", vg)
 }
 
 pub fn lvs_argv(vg: &str) -> Vec<String> {
-    argv(&[
-        "lvs",
-        "--reportformat",
-        "json",
-        "--units",
-        "b",
-        "--nosuffix",
-        "-o",
-        "lv_name,vg_name,lv_size,lv_attr,lv_tags",
-        vg,
-    ])
+    report_argv("lvs", "lv_name,vg_name,lv_size,lv_attr,lv_tags", vg)
 }
 
 pub fn lvcreate_argv(vg: &str, name: &str, size: u64, job: &str) -> Vec<String> {
@@ -342,17 +327,7 @@ pub fn lvcreate_thin_argv(vg: &str, pool: &str, name: &str, size: u64, job: &str
 /// Every LV of `vg` with what tells a thin pool apart: its segment type
 /// and whether it zeroes new chunks.
 pub fn pool_report_argv(vg: &str) -> Vec<String> {
-    argv(&[
-        "lvs",
-        "--reportformat",
-        "json",
-        "--units",
-        "b",
-        "--nosuffix",
-        "-o",
-        "lv_name,segtype,zero",
-        vg,
-    ])
+    report_argv("lvs", "lv_name,segtype,zero", vg)
 }
 
 pub fn lvremove_argv(vg: &str, name: &str) -> Vec<String> {
