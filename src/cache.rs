@@ -459,6 +459,9 @@ mod tests {
         assert!(cache.lookup(ABC, false).is_none());
         let (entry, flush) = cache.commit(&tmp, file, ABC, "http://h/x?sig=1").unwrap();
         flush.start();
+        // The record is written on the flush thread; wait for it so that
+        // nothing below races with it (the sweep, removing the directory).
+        assert!(cache.wait_flushed(Duration::from_secs(30)));
         assert_eq!(fs::read(&entry).unwrap(), b"abc");
         assert_eq!(cache.lookup(ABC, false), Some(entry.clone()));
         assert_eq!(cache.lookup(ABC, true), Some(entry));
@@ -479,6 +482,7 @@ mod tests {
         fs::write(&tmp, data).unwrap();
         let sha = hash_file(&tmp).unwrap();
         cache.commit(&tmp, file, &sha, &format!("http://h/{job}")).unwrap().1.start();
+        assert!(cache.wait_flushed(Duration::from_secs(30)));
         sha
     }
 
