@@ -1043,26 +1043,9 @@ impl RawReply {
 /// HTTP client would not send: a head alone that announces a large body
 /// (as curl's `Expect: 100-continue` does), or chunked framing.
 pub fn raw_https(daemon: &Daemon, pki: &Pki, bytes: &[u8]) -> RawReply {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     use std::io::Write;
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_file(&pki.ca_cert).unwrap()).unwrap();
-    let chain = vec![CertificateDer::from_pem_file(&pki.client_cert).unwrap()];
-    let key = PrivateKeyDer::from_pem_file(&pki.client_key).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .unwrap();
-    let name = ServerName::try_from("localhost").unwrap();
-    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-    let tcp = TcpStream::connect(daemon.addr).unwrap();
-    tcp.set_read_timeout(Some(REQUEST_TIMEOUT)).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let mut tls = tls_connect(daemon, pki);
     tls.write_all(bytes).unwrap();
     tls.flush().unwrap();
     let mut got = Vec::new();
