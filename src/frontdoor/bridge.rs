@@ -388,16 +388,8 @@ impl State {
                 err.code,
                 err.details
             );
-            self.closing = true;
             self.to_backend.clear();
-            let reply = reject_response(&err);
-            match self.tls.as_mut() {
-                Some(tls) => {
-                    let _ = tls.writer().write_all(&reply);
-                    tls.send_close_notify();
-                }
-                None => self.to_client.extend_from_slice(&reply),
-            }
+            self.answer_and_close(&err);
         }
     }
 
@@ -405,8 +397,13 @@ impl State {
     /// closing; no byte of the client's goes to tiny_http.
     fn send_refusal(&mut self) {
         let Some(err) = self.refuse.take() else { return };
+        self.answer_and_close(&err);
+    }
+
+    /// Queues `err` as the connection's last reply and starts closing.
+    fn answer_and_close(&mut self, err: &ApiError) {
         self.closing = true;
-        let reply = reject_response(&err);
+        let reply = reject_response(err);
         match self.tls.as_mut() {
             Some(tls) => {
                 let _ = tls.writer().write_all(&reply);
