@@ -5,7 +5,6 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -28,11 +27,6 @@ fn assert_failed(status: &Value, stage: &str, words: &[&str]) -> String {
     error
 }
 
-/// Cache files that are entries (`*.img`) or partial downloads (`*.part`).
-fn cache_leftovers(cache: &Path) -> Vec<String> {
-    list_dir(cache).into_iter().filter(|n| n.ends_with(".img") || n.ends_with(".part")).collect()
-}
-
 #[test]
 fn wrong_digest_fails_the_job_and_caches_nothing() {
     let h = Harness::start("wrong-digest", &[]);
@@ -47,7 +41,7 @@ fn wrong_digest_fails_the_job_and_caches_nothing() {
     let status = h.api.wait_final(&id, JOB_TIMEOUT);
     let error = assert_failed(&status, "downloading", &["digest mismatch", &wrong, &real]);
     assert_eq!(h.images.gets(&img.qcow2_name()), 1, "the image was downloaded: {error}");
-    assert_eq!(cache_leftovers(&h.daemon.cache_dir), Vec::<String>::new());
+    assert_eq!(cache_files(&h.daemon.cache_dir), Vec::<String>::new());
     assert!(!h.daemon.volume("vm-digest").exists());
 
     // 2. The published sidecar does not match (a corrupted upload).
@@ -58,7 +52,7 @@ fn wrong_digest_fails_the_job_and_caches_nothing() {
     let id = h.api.submit(&h.request("tampered.qcow2", "vm-tampered", 1, "qcow2"));
     let status = h.api.wait_final(&id, JOB_TIMEOUT);
     assert_failed(&status, "downloading", &["digest mismatch", &wrong]);
-    assert_eq!(cache_leftovers(&h.daemon.cache_dir), Vec::<String>::new());
+    assert_eq!(cache_files(&h.daemon.cache_dir), Vec::<String>::new());
     assert_eq!(list_dir(&h.daemon.volume_dir), Vec::<String>::new(), "no volume was created");
     // A bad source is the caller's to fix: a warning, not an operator alert.
     assert_eq!(job_failure_level(&h.daemon.log_text(), &id), "WARN");
@@ -80,7 +74,7 @@ fn missing_image_fails_with_the_404() {
     let status = h.api.wait_final(&id, JOB_TIMEOUT);
     assert_failed(&status, "downloading", &["404", "no-such-image.qcow2"]);
     assert_eq!(h.images.gets("no-such-image.qcow2"), 1);
-    assert_eq!(cache_leftovers(&h.daemon.cache_dir), Vec::<String>::new());
+    assert_eq!(cache_files(&h.daemon.cache_dir), Vec::<String>::new());
     assert_eq!(list_dir(&h.daemon.volume_dir), Vec::<String>::new());
 }
 
@@ -237,7 +231,7 @@ fn stalled_download_fails_after_the_download_timeout() {
         started.elapsed() < Duration::from_secs(5),
         "failed after the 1 s limit, not the 5 s stall"
     );
-    assert_eq!(cache_leftovers(&h.daemon.cache_dir), Vec::<String>::new());
+    assert_eq!(cache_files(&h.daemon.cache_dir), Vec::<String>::new());
     assert!(!h.daemon.volume("vm-stalled").exists());
 }
 
@@ -262,7 +256,7 @@ fn raw_digest_mismatch_removes_the_volume_it_was_streamed_into() {
     assert!(error.contains("the volume this job created was removed"), "{error}");
     assert!(!h.daemon.volume("vm-raw-mismatch").exists(), "the streamed-into volume is left");
     assert_eq!(list_dir(&h.daemon.volume_dir), Vec::<String>::new());
-    assert_eq!(cache_leftovers(&h.daemon.cache_dir), Vec::<String>::new());
+    assert_eq!(cache_files(&h.daemon.cache_dir), Vec::<String>::new());
 }
 
 /// The other half of the rule: a volume that existed before the job is

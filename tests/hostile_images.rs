@@ -27,11 +27,6 @@ fn qemu_img(args: &[&str]) {
     run(Command::new("qemu-img").args(args));
 }
 
-/// Cache entries (`*.img`) and partial downloads (`*.part`).
-fn cache_entries(cache: &Path) -> Vec<String> {
-    list_dir(cache).into_iter().filter(|n| n.ends_with(".img") || n.ends_with(".part")).collect()
-}
-
 fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
 }
@@ -189,7 +184,7 @@ fn hostile_images_are_refused_before_any_volume_exists_and_leave_no_cache_entry(
         }
         assert!(error.contains("cache entry was deleted"), "{}: {error}", case.image);
         assert!(!h.daemon.volume(&volume).exists(), "{}: a volume was created", case.image);
-        assert_eq!(cache_entries(&h.daemon.cache_dir), Vec::<String>::new(), "{}", case.image);
+        assert_eq!(cache_files(&h.daemon.cache_dir), Vec::<String>::new(), "{}", case.image);
     }
     assert_eq!(list_dir(&h.daemon.volume_dir), Vec::<String>::new());
 
@@ -208,7 +203,7 @@ fn hostile_images_are_refused_before_any_volume_exists_and_leave_no_cache_entry(
     let id = h.api.submit(&h.request("big.qcow2", "vm-big", 1, "qcow2"));
     let status = h.api.wait_final(&id, JOB_TIMEOUT);
     assert_eq!(status["progress"]["stage"], "inspecting", "{status:#}");
-    assert_eq!(cache_entries(&h.daemon.cache_dir).len(), 1, "{status:#}");
+    assert_eq!(cache_files(&h.daemon.cache_dir).len(), 1, "{status:#}");
 
     // No byte of any host file reached anything the daemon wrote.
     for dir in [&h.daemon.volume_dir, &h.daemon.cache_dir] {

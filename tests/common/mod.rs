@@ -1452,9 +1452,12 @@ pub fn list_dir(dir: &Path) -> Vec<String> {
 
 /// The image files in a cache directory, sorted: entries (`<sha>.img`) and
 /// temporary downloads (`.lvp-<job>.part`), without the entries' `.json`
-/// records and the daemon's lock file.
+/// records, the records being rewritten (`.lvp-<sha>.json.part`, which the
+/// background flush thread may still hold just after a job completes) and
+/// the daemon's lock file.
 pub fn cache_files(dir: &Path) -> Vec<String> {
-    list_dir(dir).into_iter().filter(|n| n != ".lvp-lock" && !n.ends_with(".json")).collect()
+    let record = |n: &str| n.ends_with(".json") || n.ends_with(".json.part");
+    list_dir(dir).into_iter().filter(|n| n != ".lvp-lock" && !record(n)).collect()
 }
 
 /// Whether `needle` occurs anywhere in the file at `path`.
