@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Usage: scripts/bench.sh [--rounds N] [--jobs N] [--only GROUPS] [--smoke]
+# Usage: scripts/bench.sh [--rounds N] [--jobs N] [--only GROUPS] [--smoke] [--direct-io]
 #
 # Measures the daemon against what an operator would otherwise run, on
 # this machine, and prints one table (medians, min–max, ratios); the same
@@ -33,6 +33,10 @@
 # --only images,many,status runs some of the three groups above (all by
 # default), for a quicker look at one of them.
 #
+# --direct-io starts the daemon with --direct-io (volumes written with
+# O_DIRECT); the baselines stay buffered, so the ratios show what direct
+# writes cost.
+#
 # Daemon times run from the POST to the client seeing `completed` (the
 # client follows the job with ?wait=). Every step starts after a sync, so
 # none pays for the write-back of the one before. Work files live in
@@ -51,12 +55,14 @@ rounds=""
 jobs=20
 smoke=0
 only=""
+direct_io=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --rounds) rounds="${2:?--rounds needs a number}"; shift 2 ;;
         --jobs) jobs="${2:?--jobs needs a number}"; shift 2 ;;
         --only) only="${2:?--only needs a list}"; shift 2 ;;
         --smoke) smoke=1; shift ;;
+        --direct-io) direct_io=1; shift ;;
         -h | --help) sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) printf 'bench: unknown argument %s (see --help)\n' "$1" >&2; exit 2 ;;
     esac
@@ -155,6 +161,10 @@ scripts/make-certs.sh localhost "$certs" >/dev/null
 # shellcheck source=scripts/lib-daemon.sh
 . "$repo/scripts/lib-daemon.sh"
 daemon_extra=(--workers "$workers" --log-level info)
+if [ "$direct_io" = 1 ]; then
+    daemon_extra+=(--direct-io)
+    say "the daemon writes volumes with O_DIRECT (--direct-io); the baselines stay buffered"
+fi
 say "starting the daemon (dir backend, mutual TLS, $workers workers)"
 start_dir_daemon "$http_port"
 

@@ -134,6 +134,10 @@ pub struct Serve {
     #[argh(switch)]
     pub keep_tail: bool,
 
+    /// write volumes with O_DIRECT, past the page cache (slower; see the man page)
+    #[argh(switch)]
+    pub direct_io: bool,
+
     /// most client connections open at once (default 128)
     #[argh(option, default = "128")]
     pub max_connections: usize,

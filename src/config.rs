@@ -20,6 +20,7 @@ use crate::tokens::TokenSet;
 use crate::volume::dir::DirBackend;
 use crate::volume::lvm::LvmBackend;
 use crate::volume::VolumeBackend;
+use crate::write::{direct_io_probe, IoMode};
 
 /// Upper bounds that catch typos (a worker count of 2000) early.
 const MAX_WORKERS: usize = 64;
@@ -37,6 +38,7 @@ pub struct Config {
     pub queue: usize,
     pub require_digest: bool,
     pub keep_tail: bool,
+    pub io: IoMode,
     pub http_threads: usize,
     pub public_metrics: bool,
     pub public_health: bool,
@@ -299,10 +301,16 @@ impl Config {
                         problems.push(format!("--volume-dir must not be the {flag}"));
                         None
                     } else {
-                        match writable_dir("--volume-dir", &dir).and_then(|()| {
-                            DirBackend::new(&dir)
-                                .map_err(|e| format!("--volume-dir {}: {e}", dir.display()))
-                        }) {
+                        let direct_io_works = |()| match cli.direct_io {
+                            true => direct_io_probe(&dir),
+                            false => Ok(()),
+                        };
+                        match writable_dir("--volume-dir", &dir).and_then(direct_io_works).and_then(
+                            |()| {
+                                DirBackend::new(&dir)
+                                    .map_err(|e| format!("--volume-dir {}: {e}", dir.display()))
+                            },
+                        ) {
                             Ok(b) => Some(Box::new(b)),
                             Err(e) => {
                                 problems.push(e);
@@ -354,6 +362,7 @@ impl Config {
             queue: cli.queue,
             require_digest: cli.require_digest,
             keep_tail: cli.keep_tail,
+            io: if cli.direct_io { IoMode::Direct } else { IoMode::Buffered },
             http_threads: cli.http_threads,
             public_metrics: cli.public_metrics,
             public_health: cli.public_health,

@@ -24,6 +24,7 @@ use crate::jobs::queue::Queue;
 use crate::jobs::table::JobTable;
 use crate::jobs::Status;
 use crate::metrics::Metrics;
+use crate::write::IoMode;
 
 /// How long the daemon waits at exit for cache entries still being flushed.
 const CACHE_FLUSH_GRACE: Duration = Duration::from_secs(10);
@@ -77,6 +78,7 @@ pub fn run(config: Config) -> Result<(), String> {
         cache_max_bytes: config.cache_max_bytes,
         inspected: Default::default(),
         keep_tail: config.keep_tail,
+        io: config.io,
     });
     let backend_kind = pipeline.backend.kind();
     let (queue, workers) = Queue::start(config.workers, config.queue, Arc::clone(&pipeline));
@@ -113,9 +115,10 @@ pub fn run(config: Config) -> Result<(), String> {
         );
     }
     log::info!(
-        "listening on {scheme}://{} ({}); backend {backend_kind}; cache {}; state {}; {} workers, queue {}",
+        "listening on {scheme}://{} ({}); backend {backend_kind}{}; cache {}; state {}; {} workers, queue {}",
         listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         config.auth_summary,
+        if config.io == IoMode::Direct { " (O_DIRECT writes)" } else { "" },
         config.cache_dir.display(),
         config.state_dir.display(),
         config.workers,

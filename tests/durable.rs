@@ -14,8 +14,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::fs;
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -63,38 +61,9 @@ fn volume_is_flushed_before_the_job_is_journaled_completed() {
     let pki = Pki::create(&dir);
     let images = ImageServer::start(&dir.mkdir("images"));
     let img = build_fs_image(images.root(), "base", 31);
-    let trace = dir.join("strace.txt");
-    let trace_arg = trace.display().to_string();
-    let mut daemon = Daemon::start_program(
-        &dir,
-        "strace",
-        &[],
-        &|port| {
-            let mut argv: Vec<String> = [
-                "-f",
-                "-y",
-                "-qq",
-                "-s",
-                "65536",
-                "-e",
-                "trace=fdatasync,fsync,write,execve",
-                "-o",
-                &trace_arg,
-                BIN,
-            ]
-            .map(String::from)
-            .into();
-            argv.extend(Daemon::args(&dir, &pki, &Auth::mtls(), port));
-            argv
-        },
-        &[],
-    );
-    // strace's child is the daemon; a SIGTERM to strace would only detach
-    // it and leave it running, so the daemon itself is stopped, and killed
-    // if the test ends early.
-    let tracee = tracee_of(daemon.pid()).expect("strace has started the daemon");
-    let _reaper = KillOnDrop(tracee);
-    let api = Api::mtls(&daemon, &pki);
+    let traced = Traced::start(&dir, &pki, "fdatasync,fsync,write,execve", &[]);
+    let daemon = &traced.daemon;
+    let api = Api::mtls(daemon, &pki);
     let request = |image: &str, volume: &str, kind: &str| {
         serde_json::json!({
             "image_url": images.url(image),
@@ -111,22 +80,9 @@ fn volume_is_flushed_before_the_job_is_journaled_completed() {
         let status = api.wait_final(&id, JOB_TIMEOUT);
         assert_eq!(status["status"], "completed", "{status:#}");
     }
-    // SAFETY: kill(2) on the daemon strace started for this test.
-    unsafe { libc::kill(tracee, libc::SIGTERM) };
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while Path::new(&format!("/proc/{tracee}")).exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    daemon.stop();
-
-    let text = fs::read_to_string(&trace).unwrap();
+    let text = traced.finish();
     let lines: Vec<&str> = text.lines().collect();
-    // Threads that exec'd a program are children (qemu-img), not daemon.
-    let children: HashSet<String> = lines
-        .iter()
-        .filter(|l| l.contains("execve(") && !l.contains(super_bin()))
-        .filter_map(|l| l.split_whitespace().next().map(String::from))
-        .collect();
+    let children = traced_children(&text);
     assert!(!children.is_empty(), "the trace shows no qemu-img run; is it complete?");
     for (_, volume, _) in &jobs {
         let path = dir.join("volumes").join(volume).canonicalize().unwrap();
@@ -154,34 +110,4 @@ fn volume_is_flushed_before_the_job_is_journaled_completed() {
             completed + 1
         );
     }
-}
-
-/// The first child of process `pid` (for strace: the program it traces).
-fn tracee_of(pid: u32) -> Option<i32> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let children = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-        if let Some(child) = children.split_whitespace().next() {
-            return child.parse().ok();
-        }
-        if std::time::Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Kills a process on drop (SIGKILL; harmless once it has exited).
-struct KillOnDrop(i32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) with a pid and a signal number.
-        unsafe { libc::kill(self.0, libc::SIGKILL) };
-    }
-}
-
-/// The daemon's own path, as execve shows it.
-fn super_bin() -> &'static str {
-    Path::new(BIN).file_name().unwrap().to_str().unwrap()
 }

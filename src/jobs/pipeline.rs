@@ -37,7 +37,7 @@ use crate::fetch::{redact, FetchError, Fetcher, SparseFile};
 use crate::inspect;
 use crate::qcow2::Header;
 use crate::volume::{Volume, VolumeBackend};
-use crate::write;
+use crate::write::{self, IoMode};
 
 /// How often a job retries after the download it waited for failed.
 const FLIGHT_ATTEMPTS: usize = 3;
@@ -60,6 +60,8 @@ pub struct Pipeline {
     pub cache_max_bytes: Option<u64>,
     /// Leave a volume's bytes after the image as they are (`--keep-tail`).
     pub keep_tail: bool,
+    /// Write volumes through the page cache or with O_DIRECT (`--direct-io`).
+    pub io: IoMode,
     /// What inspection found, by image digest and format (see
     /// [`Pipeline::inspect_image`]).
     pub inspected: Mutex<HashMap<(String, ImageType), Inspected>>,
@@ -275,12 +277,14 @@ impl Pipeline {
                 self.table.progress(id, write_stage, image_len, Some(image_len));
                 Ok(())
             }
-            ImageType::Qcow2 => write::convert_qcow2(&image, &volume, cancel, &mut |pct| {
+            ImageType::Raw if self.io == IoMode::Buffered => {
+                write::copy_raw(&image, image_len, &volume, cancel, &mut |done| {
+                    self.table.progress(id, write_stage, done, Some(image_len));
+                })
+            }
+            format => write::convert(&image, format, &volume, self.io, cancel, &mut |pct| {
                 let done = (pct / 100.0 * total as f64) as u64;
                 self.table.progress(id, write_stage, done, Some(total));
-            }),
-            ImageType::Raw => write::copy_raw(&image, image_len, &volume, cancel, &mut |done| {
-                self.table.progress(id, write_stage, done, Some(image_len));
             }),
         };
         written.map_err(|e| {
@@ -481,9 +485,10 @@ impl Pipeline {
                     // A raw image can go into the volume as it arrives, but
                     // only into a volume this job creates: on a digest
                     // mismatch the job fails and the volume is removed,
-                    // so unverified bytes never outlive the job.
+                    // so unverified bytes never outlive the job. Not with
+                    // O_DIRECT, which qemu-img writes after the download.
                     let volume = match (req.kind, req.image_type) {
-                        (JobKind::Provision, ImageType::Raw) => {
+                        (JobKind::Provision, ImageType::Raw) if self.io == IoMode::Buffered => {
                             Some(self.prepare_volume(id, ctx, req, undo)?)
                         }
                         _ => None,

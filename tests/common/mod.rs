@@ -1107,6 +1107,87 @@ pub fn tls_connect(
 /// A test directory, certificates, an image server and a daemon with a
 /// client. Fields drop top to bottom: the daemon stops before the
 /// directory it writes into is removed.
+/// The daemon run under `strace -f -y -qq`, tracing `syscalls` into a file,
+/// with the directories and arguments of [`Daemon::start`] (mutual TLS).
+/// strace's child is the daemon: [`Traced::finish`] stops the daemon
+/// itself (a SIGTERM to strace would only detach it and leave it running)
+/// and returns the trace; dropping it early kills the daemon.
+pub struct Traced {
+    pub daemon: Daemon,
+    tracee: i32,
+    trace: PathBuf,
+}
+
+impl Traced {
+    pub fn start(dir: &TestDir, pki: &Pki, syscalls: &str, extra: &[&str]) -> Traced {
+        let trace = dir.join("strace.txt");
+        assert!(!trace.exists(), "one traced daemon a test directory");
+        let trace_arg = trace.display().to_string();
+        let filter = format!("trace={syscalls}");
+        let daemon = Daemon::start_program(
+            dir,
+            "strace",
+            extra,
+            &|port| {
+                let mut argv: Vec<String> =
+                    ["-f", "-y", "-qq", "-s", "65536", "-e", &filter, "-o", &trace_arg, BIN]
+                        .map(String::from)
+                        .into();
+                argv.extend(Daemon::args(dir, pki, &Auth::mtls(), port));
+                argv
+            },
+            &[],
+        );
+        let tracee = tracee_of(daemon.pid()).expect("strace has started the daemon");
+        Traced { daemon, tracee, trace }
+    }
+
+    /// Stops the daemon, waits for strace, and returns the trace.
+    pub fn finish(mut self) -> String {
+        // SAFETY: kill(2) on the daemon strace started for this test.
+        unsafe { libc::kill(self.tracee, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Path::new(&format!("/proc/{}", self.tracee)).exists() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.daemon.stop();
+        fs::read_to_string(&self.trace).unwrap()
+    }
+}
+
+impl Drop for Traced {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) with a pid and a signal; harmless once it exited.
+        unsafe { libc::kill(self.tracee, libc::SIGKILL) };
+    }
+}
+
+/// The first child of process `pid` (for strace: the program it traces).
+fn tracee_of(pid: u32) -> Option<i32> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let children = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+        if let Some(child) = children.split_whitespace().next() {
+            return child.parse().ok();
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The pids in an `strace -f` trace (traced with `execve`) that ran
+/// another program than the daemon: its qemu-img children.
+pub fn traced_children(trace: &str) -> std::collections::HashSet<String> {
+    let daemon = Path::new(BIN).file_name().unwrap().to_str().unwrap();
+    trace
+        .lines()
+        .filter(|l| l.contains("execve(") && !l.contains(daemon))
+        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .collect()
+}
+
 pub struct Harness {
     pub api: Api,
     pub daemon: Daemon,
