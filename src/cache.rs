@@ -72,10 +72,17 @@ impl Flush {
         let sha256 = record.sha256.clone();
         let map = Arc::clone(&flushing);
         let flush = move || {
-            let done = file
-                .sync_all()
-                .and_then(|()| write_record(&dir, &record))
-                .and_then(|()| File::open(&dir)?.sync_all());
+            let done = file.sync_all().and_then(|()| write_record(&dir, &record)).and_then(|()| {
+                // The entry may have been purged (by the API, or as a
+                // refused image) while this ran: a record must not
+                // outlive it. Whoever removes the entry removes the
+                // record after it, so one of the two sees the other.
+                if !dir.join(format!("{}.img", record.sha256)).exists() {
+                    log::debug!("cache entry {} went before its record", record.sha256);
+                    remove_if_present(&dir.join(format!("{}.json", record.sha256)))?;
+                }
+                File::open(&dir)?.sync_all()
+            });
             flushing.lock().unwrap().remove(&record.sha256);
             match done {
                 Ok(()) => log::debug!("cache entry {} is on stable storage", record.sha256),
@@ -103,6 +110,13 @@ impl Drop for Flush {
 impl EntryRecord {
     fn new(sha256: &str, size: u64, source: &str) -> EntryRecord {
         EntryRecord { sha256: sha256.to_string(), size, source: source.to_string() }
+    }
+}
+
+fn remove_if_present(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -448,6 +462,27 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("lvp-cache-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         dir
+    }
+
+    /// An entry purged before its flush ran leaves no record behind, and
+    /// so nothing that vouches for a file that is gone.
+    #[test]
+    fn test_entry_purged_before_its_flush_leaves_no_record() {
+        let dir = temp_dir("purge-flush");
+        let cache = Cache::open(&dir).unwrap();
+        let (tmp, file) = cache.temp_file("job1").unwrap();
+        fs::write(&tmp, b"abc").unwrap();
+        let (entry, flush) = cache.commit(&tmp, file, ABC, "http://h/x").unwrap();
+        assert!(cache.purge(ABC).unwrap());
+        flush.start();
+        assert!(cache.wait_flushed(Duration::from_secs(30)));
+        assert!(!entry.exists());
+        let left: Vec<_> = fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert!(
+            left.iter().all(|n| n == ".lvp-lock" || !n.to_string_lossy().contains(ABC)),
+            "{left:?}"
+        );
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
