@@ -24,7 +24,9 @@
 #                          the volumes NAME-1 ... NAME-N
 #   VOLUME[=IMAGE_URL]     or name them; VOLUME=IMAGE_URL gives that one
 #                          volume its own image
-#   --parallel P           volumes in flight at once (default 4)
+#   --parallel P           volumes in flight at once (default 4); each holds
+#                          one connection, so keep it under the daemon's
+#                          --max-connections-per-address (32)
 #   --timeout SECONDS      per volume, from its POST (default 1800); a job
 #                          still running then is cancelled and counts failed
 #   --correlation-prefix ID

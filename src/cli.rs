@@ -142,6 +142,10 @@ pub struct Serve {
     #[argh(option, default = "128")]
     pub max_connections: usize,
 
+    /// most client connections open at once from one IP address (default 32)
+    #[argh(option, default = "32")]
+    pub max_connections_per_address: usize,
+
     /// seconds a client has to finish the TLS handshake (default 10)
     #[argh(option, default = "10")]
     pub handshake_timeout: u64,

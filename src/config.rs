@@ -44,6 +44,7 @@ pub struct Config {
     pub public_health: bool,
     pub libvirt_pool: Option<String>,
     pub max_connections: usize,
+    pub max_connections_per_address: usize,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub request_timeout: Duration,
@@ -184,6 +185,12 @@ impl Config {
         note(range("--workers", cli.workers, 1, MAX_WORKERS));
         note(range("--queue", cli.queue, 1, MAX_QUEUE));
         note(range("--max-connections", cli.max_connections, 1, MAX_CONNECTIONS));
+        note(range(
+            "--max-connections-per-address",
+            cli.max_connections_per_address,
+            1,
+            MAX_CONNECTIONS,
+        ));
         note(range("--handshake-timeout", cli.handshake_timeout as usize, 1, 3600));
         note(range("--idle-timeout", cli.idle_timeout as usize, 1, 86_400));
         note(range("--request-timeout", cli.request_timeout as usize, 1, 3600));
@@ -368,6 +375,7 @@ impl Config {
             public_health: cli.public_health,
             libvirt_pool: cli.libvirt_pool.clone(),
             max_connections: cli.max_connections,
+            max_connections_per_address: cli.max_connections_per_address,
             handshake_timeout: Duration::from_secs(cli.handshake_timeout),
             idle_timeout: Duration::from_secs(cli.idle_timeout),
             request_timeout: Duration::from_secs(cli.request_timeout),

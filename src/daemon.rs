@@ -135,6 +135,7 @@ pub fn run(config: Config) -> Result<(), String> {
             request: config.request_timeout,
         },
         max_connections: config.max_connections,
+        max_per_address: config.max_connections_per_address,
     };
     door.run(&stop);
 

@@ -96,6 +96,18 @@ impl ApiError {
         Self::new(503, "too_many_connections", "too many open connections; retry shortly")
     }
 
+    /// The per-address cap, for one address that holds many connections.
+    pub fn too_many_connections_from(remote: std::net::IpAddr, cap: usize) -> Self {
+        Self::new(
+            503,
+            "too_many_connections",
+            format!(
+                "too many open connections from {remote} ({cap} at most); close some, \
+                 or retry shortly"
+            ),
+        )
+    }
+
     /// Something on our side broke; the details say what.
     pub fn internal(details: impl Into<String>) -> Self {
         Self::new(500, "internal", details)

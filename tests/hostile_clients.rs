@@ -8,7 +8,7 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::net::{Ipv4Addr, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -108,6 +108,52 @@ fn stalled_handshakes_cannot_lock_out_a_legitimate_client() {
     let log = h.daemon.log_text();
     assert!(log.contains("closing TLS handshake from 127.0.0.1"), "{log}");
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// One address cannot fill the connection cap: past its own cap its
+/// connections are refused with a 503 that says why, and clients at other
+/// addresses are still served.
+#[test]
+fn one_address_cannot_take_every_connection() {
+    let h = Harness::start(
+        "per-address",
+        &[
+            "--handshake-timeout",
+            "5",
+            "--max-connections",
+            &MAX_CONNECTIONS.to_string(),
+            "--max-connections-per-address",
+            "4",
+        ],
+    );
+    let greedy = Ipv4Addr::new(127, 0, 0, 2);
+    let addr = h.daemon.addr;
+    // As many stalled handshakes from one address as the whole cap.
+    let stalled: Vec<TcpStream> =
+        (0..MAX_CONNECTIONS).map(|_| connect_from(greedy, addr)).collect();
+    thread::sleep(Duration::from_millis(300));
+
+    // A client at another address is served.
+    assert_eq!(h.api.request("GET", "/health", None).status, 200);
+    // The greedy address is told what is wrong.
+    let get = b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let reply = raw_exchange(tls_handshake(connect_from(greedy, addr), &h.pki), get);
+    assert_eq!(reply.status, 503, "{reply:#?}");
+    assert_eq!(reply.json()["error"], "too_many_connections", "{reply:#?}");
+    let details = reply.json()["details"].as_str().unwrap_or_default().to_string();
+    assert!(details.contains("from 127.0.0.2 (4 at most)"), "{details}");
+
+    // Once its connections close, it is served again.
+    drop(stalled);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let reply = raw_exchange(tls_handshake(connect_from(greedy, addr), &h.pki), get);
+        if reply.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "127.0.0.2 still refused: {reply:#?}");
+        thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]

@@ -2,9 +2,10 @@
 //! tiny_http sees a byte.
 //!
 //! 1. The acceptor thread (`frontdoor`) takes a connection from the public
-//!    listener. Past the connection cap it is answered 503
-//!    `too_many_connections` (over TLS after a short handshake), and past
-//!    [`MAX_REFUSING_CONNECTIONS`] more it is closed at once.
+//!    listener. Past the connection cap, or past the cap for its remote
+//!    address, it is answered 503 `too_many_connections` (over TLS after a
+//!    short handshake), and past [`MAX_REFUSING_CONNECTIONS`] more it is
+//!    closed at once.
 //! 2. A connection thread runs the rustls handshake against the deadline;
 //!    a client certificate is verified against the client CA here.
 //! 3. Once the handshake is done it opens a loopback connection to
@@ -22,11 +23,12 @@ pub mod framing;
 pub mod peers;
 pub mod tls;
 
+use std::collections::HashMap;
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -58,6 +60,53 @@ pub struct FrontDoor {
     pub peers: Arc<PeerTable>,
     pub limits: Limits,
     pub max_connections: usize,
+    /// The cap for one remote IP address (`--max-connections-per-address`).
+    pub max_per_address: usize,
+}
+
+/// Open connections by remote address, for the per-address cap.
+#[derive(Default)]
+struct PerAddress {
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerAddress {
+    /// Takes a slot for `ip` unless it already holds `cap`.
+    fn take(&self, ip: IpAddr, cap: usize) -> bool {
+        let mut open = self.open.lock().unwrap();
+        let held = open.entry(ip).or_default();
+        if *held >= cap {
+            return false;
+        }
+        *held += 1;
+        true
+    }
+
+    fn give_back(&self, ip: IpAddr) {
+        let mut open = self.open.lock().unwrap();
+        if let Some(held) = open.get_mut(&ip) {
+            *held -= 1;
+            if *held == 0 {
+                open.remove(&ip);
+            }
+        }
+    }
+}
+
+/// What a connection holds until it ends: a slot under the cap (or a
+/// refusal slot), and its address's slot when it was admitted.
+struct Slots {
+    counter: Arc<AtomicUsize>,
+    address: Option<(Arc<PerAddress>, IpAddr)>,
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::SeqCst);
+        if let Some((table, ip)) = &self.address {
+            table.give_back(*ip);
+        }
+    }
 }
 
 impl FrontDoor {
@@ -66,6 +115,7 @@ impl FrontDoor {
     pub fn run(self, stop: &AtomicBool) {
         let open = Arc::new(AtomicUsize::new(0));
         let refusing = Arc::new(AtomicUsize::new(0));
+        let per_address = Arc::new(PerAddress::default());
         if let Err(e) = self.listener.set_nonblocking(true) {
             log::error!("cannot make the listener non-blocking: {e}");
             return;
@@ -89,53 +139,70 @@ impl FrontDoor {
                 Ok(a) => a,
                 Err(_) => continue,
             };
-            // Known limitation: the cap is global, not per remote address, so
-            // one party that keeps renewing stalled handshakes or trickled
-            // requests keeps others out for as long as it goes on (they get a
-            // 503 or a prompt close); a per-address cap would stop that.
-            let (counter, refuse) = if open.fetch_add(1, Ordering::SeqCst) < self.max_connections {
-                (Arc::clone(&open), None)
-            } else {
+            // Two caps: one address may hold at most `max_per_address`
+            // connections, so that one party cannot fill the global cap
+            // and keep everyone else out. Known limitation: the address is
+            // the whole IP; a party with many addresses (an IPv6 /64, or
+            // several hosts) still counts as many.
+            let ip = remote.ip();
+            let refusal = if !per_address.take(ip, self.max_per_address) {
+                Some(ApiError::too_many_connections_from(ip, self.max_per_address))
+            } else if open.fetch_add(1, Ordering::SeqCst) >= self.max_connections {
                 open.fetch_sub(1, Ordering::SeqCst);
-                if refusing.fetch_add(1, Ordering::SeqCst) >= MAX_REFUSING_CONNECTIONS {
-                    refusing.fetch_sub(1, Ordering::SeqCst);
-                    log::debug!(
-                        "closing connection from {remote} at once: {} open and {} being refused",
-                        self.max_connections,
-                        MAX_REFUSING_CONNECTIONS
-                    );
-                    if self.tls.is_none() {
-                        let busy = ApiError::too_many_connections();
-                        let _ = stream.set_nonblocking(true);
-                        let _ = (&stream).write_all(&bridge::reject_response(&busy));
+                per_address.give_back(ip);
+                Some(ApiError::too_many_connections())
+            } else {
+                None
+            };
+            let slots = match refusal {
+                None => Slots {
+                    counter: Arc::clone(&open),
+                    address: Some((Arc::clone(&per_address), ip)),
+                },
+                Some(busy) => {
+                    if refusing.fetch_add(1, Ordering::SeqCst) >= MAX_REFUSING_CONNECTIONS {
+                        refusing.fetch_sub(1, Ordering::SeqCst);
+                        log::debug!(
+                            "closing connection from {remote} at once ({}): {} more being refused",
+                            busy.details,
+                            MAX_REFUSING_CONNECTIONS
+                        );
+                        if self.tls.is_none() {
+                            let _ = stream.set_nonblocking(true);
+                            let _ = (&stream).write_all(&bridge::reject_response(&busy));
+                        }
+                        drop(stream);
+                        continue;
                     }
-                    drop(stream);
+                    log::debug!("refusing connection from {remote} with 503: {}", busy.details);
+                    let slots = Slots { counter: Arc::clone(&refusing), address: None };
+                    self.serve(stream, remote, Some(busy), slots);
                     continue;
                 }
-                log::debug!(
-                    "refusing connection from {remote} with 503: {} connections open",
-                    self.max_connections
-                );
-                (Arc::clone(&refusing), Some(ApiError::too_many_connections()))
             };
-            let bridge = Bridge {
-                client: stream,
-                remote,
-                tls: self.tls.clone(),
-                backend: self.backend,
-                peers: Arc::clone(&self.peers),
-                limits: self.limits,
-                refuse,
-            };
-            let slots = Arc::clone(&counter);
-            let spawned = thread::Builder::new().name("conn".into()).spawn(move || {
-                bridge.run();
-                counter.fetch_sub(1, Ordering::SeqCst);
-            });
-            if let Err(e) = spawned {
-                slots.fetch_sub(1, Ordering::SeqCst);
-                log::warn!("cannot start a thread for {remote}: {e}");
-            }
+            self.serve(stream, remote, None, slots);
+        }
+    }
+
+    /// Runs the connection on a thread of its own, which gives `slots`
+    /// back when it ends.
+    fn serve(&self, stream: TcpStream, remote: SocketAddr, refuse: Option<ApiError>, slots: Slots) {
+        let bridge = Bridge {
+            client: stream,
+            remote,
+            tls: self.tls.clone(),
+            backend: self.backend,
+            peers: Arc::clone(&self.peers),
+            limits: self.limits,
+            refuse,
+        };
+        let spawned = thread::Builder::new().name("conn".into()).spawn(move || {
+            bridge.run();
+            drop(slots);
+        });
+        if let Err(e) = spawned {
+            // The closure, and the slots in it, were dropped with the error.
+            log::warn!("cannot start a thread for {remote}: {e}");
         }
     }
 }

@@ -1043,9 +1043,17 @@ impl RawReply {
 /// HTTP client would not send: a head alone that announces a large body
 /// (as curl's `Expect: 100-continue` does), or chunked framing.
 pub fn raw_https(daemon: &Daemon, pki: &Pki, bytes: &[u8]) -> RawReply {
+    raw_exchange(tls_connect(daemon, pki), bytes)
+}
+
+/// [`raw_https`] over a TLS connection the caller made (from another
+/// source address, say).
+pub fn raw_exchange(
+    mut tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    bytes: &[u8],
+) -> RawReply {
     use std::io::Write;
 
-    let mut tls = tls_connect(daemon, pki);
     tls.write_all(bytes).unwrap();
     tls.flush().unwrap();
     let mut got = Vec::new();
@@ -1078,6 +1086,42 @@ pub fn tls_connect(
     daemon: &Daemon,
     pki: &Pki,
 ) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    tls_handshake(TcpStream::connect(daemon.addr).unwrap(), pki)
+}
+
+/// A TCP connection to `to` from the loopback address `from` (such as
+/// 127.0.0.2), for tests of what the daemon does per client address.
+pub fn connect_from(from: std::net::Ipv4Addr, to: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+        sin_zero: [0; 8],
+    };
+    let SocketAddr::V4(to) = to else { panic!("an IPv4 daemon address") };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a new socket we own; the addresses live on this stack for
+    // the duration of each call, with their true length.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+        let stream = TcpStream::from_raw_fd(fd);
+        let local = sockaddr(from, 0);
+        let rc = libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len);
+        assert_eq!(rc, 0, "bind {from}: {}", io::Error::last_os_error());
+        let remote = sockaddr(*to.ip(), to.port());
+        let rc = libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len);
+        assert_eq!(rc, 0, "connect {to} from {from}: {}", io::Error::last_os_error());
+        stream
+    }
+}
+
+/// Runs the TLS handshake with the test client certificate over `tcp`.
+pub fn tls_handshake(
+    mut tcp: TcpStream,
+    pki: &Pki,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
@@ -1094,7 +1138,6 @@ pub fn tls_connect(
         .unwrap();
     let name = ServerName::try_from("localhost").unwrap();
     let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-    let mut tcp = TcpStream::connect(daemon.addr).unwrap();
     tcp.set_read_timeout(Some(REQUEST_TIMEOUT)).unwrap();
     while conn.is_handshaking() {
         conn.complete_io(&mut tcp).unwrap_or_else(|e| panic!("TLS handshake: {e}"));
@@ -1104,9 +1147,6 @@ pub fn tls_connect(
 
 // ---------------------------------------------------------------- Harness
 
-/// A test directory, certificates, an image server and a daemon with a
-/// client. Fields drop top to bottom: the daemon stops before the
-/// directory it writes into is removed.
 /// The daemon run under `strace -f -y -qq`, tracing `syscalls` into a file,
 /// with the directories and arguments of [`Daemon::start`] (mutual TLS).
 /// strace's child is the daemon: [`Traced::finish`] stops the daemon
@@ -1188,6 +1228,9 @@ pub fn traced_children(trace: &str) -> std::collections::HashSet<String> {
         .collect()
 }
 
+/// A test directory, certificates, an image server and a daemon with a
+/// client. Fields drop top to bottom: the daemon stops before the
+/// directory it writes into is removed.
 pub struct Harness {
     pub api: Api,
     pub daemon: Daemon,
