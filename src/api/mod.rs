@@ -94,13 +94,59 @@ impl JobRequest {
 const FIELDS: &[&str] =
     &["image_url", "volume_name", "volume_size_gb", "image_type", "correlation_id", "image_sha256"];
 
-/// Parses and checks a provision body.
-pub fn parse_provision(body: &[u8]) -> Result<JobRequest, ApiError> {
+/// A JSON object whose keys each appear once. serde_json keeps the last
+/// of repeated keys; a proxy or a log reader that takes the first would
+/// then see another request than the one run, so a repeat is refused.
+struct Object(Map<String, Value>);
+
+/// How the error for a repeated key begins.
+const REPEATED: &str = "repeated field ";
+
+impl<'de> Deserialize<'de> for Object {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Object, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Object;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Object, A::Error> {
+                let mut map = Map::new();
+                while let Some((key, value)) = a.next_entry::<String, Value>()? {
+                    if map.contains_key(&key) {
+                        return Err(serde::de::Error::custom(format!("{REPEATED}{key:?}")));
+                    }
+                    map.insert(key, value);
+                }
+                Ok(Object(map))
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
+/// Parses a request body that must be one JSON object.
+fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid_json(format!("request body is not valid JSON: {e}")))?;
-    let Value::Object(obj) = value else {
+    if !value.is_object() {
         return Err(ApiError::invalid_request("request body must be a JSON object"));
-    };
+    }
+    match serde_json::from_slice::<Object>(body) {
+        Ok(Object(map)) => Ok(map),
+        Err(e) => {
+            let text = e.to_string();
+            let why = text.split(" at line ").next().unwrap_or(&text);
+            Err(ApiError::invalid_request(format!("{why}; give each field once")))
+        }
+    }
+}
+
+/// Parses and checks a provision body.
+pub fn parse_provision(body: &[u8]) -> Result<JobRequest, ApiError> {
+    let obj = parse_object(body)?;
     if let Some(unknown) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(ApiError::invalid_request(format!(
             "unknown field {unknown:?}; accepted fields are {}",
@@ -160,11 +206,7 @@ const PREFETCH_FIELDS: &[&str] = &["image_url", "image_sha256", "correlation_id"
 /// Parses and checks a prefetch body: `image_url`, optional `image_sha256`
 /// and `correlation_id`.
 pub fn parse_prefetch(body: &[u8]) -> Result<JobRequest, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::invalid_json(format!("request body is not valid JSON: {e}")))?;
-    let Value::Object(obj) = value else {
-        return Err(ApiError::invalid_request("request body must be a JSON object"));
-    };
+    let obj = parse_object(body)?;
     if let Some(unknown) = obj.keys().find(|k| !PREFETCH_FIELDS.contains(&k.as_str())) {
         return Err(ApiError::invalid_request(format!(
             "unknown field {unknown:?}; accepted fields are {}",
@@ -334,6 +376,11 @@ mod tests {
         assert!(details(&with("image_sha256", "\"abc\"")).starts_with("image_sha256"));
         assert!(details(&with("extra", "1")).starts_with("unknown field \"extra\""));
         assert!(details(&with("correlation_id", "\"a\\nb\"")).starts_with("correlation_id"));
+        let twice = r#"{"image_url":"http://h/a.img","volume_name":"a","volume_name":"b",
+            "volume_size_gb":1}"#;
+        assert_eq!(details(twice), "repeated field \"volume_name\"; give each field once");
+        let twice = r#"{"image_url":"http://h/a.img","image_url":"http://h/a.img"}"#;
+        assert!(parse_prefetch(twice.as_bytes()).unwrap_err().details.starts_with("repeated"));
     }
 
     #[test]
