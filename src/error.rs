@@ -86,6 +86,18 @@ impl ApiError {
         Self::new(411, "length_required", details)
     }
 
+    /// The request did not arrive whole within the front door's deadline.
+    pub fn request_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            408,
+            "request_timeout",
+            format!(
+                "the request did not arrive whole within {} s of its first byte",
+                limit.as_secs()
+            ),
+        )
+    }
+
     /// The request head did not end within the front door's limit.
     pub fn header_too_large(limit: usize) -> Self {
         Self::new(431, "header_too_large", format!("request head is larger than {limit} bytes"))

@@ -190,6 +190,21 @@ fn a_trickled_request_is_cut_at_the_request_timeout_not_the_idle_timeout() {
         .expect("a trickled request was not cut off within 15 s");
     assert!(cut_after < Duration::from_secs(5), "cut off only after {cut_after:?}");
     assert_eq!(h.api.request("GET", "/health", None).status, 200);
+
+    // A head that stops halfway is answered 408, which says why, before
+    // the connection closes; so is a body shorter than its Content-Length.
+    let started = Instant::now();
+    let reply = raw_https(&h.daemon, &h.pki, b"GET /health HTTP/1.1\r\nHost: localhost\r\n");
+    assert_eq!(reply.status, 408, "{reply:#?}");
+    assert_eq!(reply.json()["error"], "request_timeout", "{reply:#?}");
+    assert!(reply.body.contains("within 2 s of its first byte"), "{reply:#?}");
+    assert!(started.elapsed() < Duration::from_secs(6), "answered after {:?}", started.elapsed());
+    let short_body = b"POST /api/v1/provision HTTP/1.1\r\nHost: localhost\r\n\
+        Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"image_url\":";
+    let reply = raw_https(&h.daemon, &h.pki, short_body);
+    assert_eq!((reply.status, reply.json()["error"].clone()), (408, "request_timeout".into()));
+    let jobs = h.api.request("GET", "/api/v1/jobs", None);
+    assert_eq!(jobs.body["jobs"], serde_json::json!([]), "no job from a request that never came");
 }
 
 /// Sends a request head one byte every 0.7 s, which keeps the connection

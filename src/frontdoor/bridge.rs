@@ -27,6 +27,9 @@ const BUFFER_LIMIT: usize = 64 * 1024;
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 16 << 20;
 
+/// How the log names a request whose bytes come in too slowly.
+const SLOW_REQUEST: &str = "request that arrives too slowly";
+
 /// Handshake deadline for a connection accepted past the cap only to be
 /// told so: short, since all it gets is the refusal.
 const REFUSAL_HANDSHAKE: Duration = Duration::from_secs(3);
@@ -135,6 +138,9 @@ impl Bridge {
         let started = Instant::now();
         let mut last_activity = started;
         let mut request_started: Option<Instant> = None;
+        // Set once a slow request has been answered 408: until when the
+        // answer may take to go out before the connection is cut anyway.
+        let mut answered_by: Option<Instant> = None;
         loop {
             let handshaking = st.tls.as_ref().is_some_and(|t| t.is_handshaking());
             match (st.framer.mid_request(), request_started) {
@@ -145,19 +151,29 @@ impl Bridge {
             // Known limitation: these deadlines cover what the client sends.
             // A client that reads its reply a byte at a time keeps the
             // connection for as long as bytes move.
-            let (deadline, what) = if handshaking {
+            let (deadline, what) = if let Some(t) = answered_by {
+                (t, "request answered 408")
+            } else if handshaking {
                 (started + limits.handshake, "TLS handshake")
             } else {
                 match request_started {
                     Some(t)
                         if t + limits.request.min(limits.idle) < last_activity + limits.idle =>
                     {
-                        (t + limits.request.min(limits.idle), "request that arrives too slowly")
+                        (t + limits.request.min(limits.idle), SLOW_REQUEST)
                     }
                     _ => (last_activity + limits.idle, "idle connection"),
                 }
             };
             let now = Instant::now();
+            if now >= deadline && what == SLOW_REQUEST && !st.closing {
+                // Tell the client why, then close as after any refusal
+                // (reading and dropping what it still sends, for a while).
+                log::info!("closing {what} from {remote}: its deadline passed; answered 408");
+                st.answer_and_close(&ApiError::request_timeout(limits.request.min(limits.idle)));
+                answered_by = Some(now + 2 * LINGER);
+                continue;
+            }
             if now >= deadline {
                 // An idle keep-alive connection closing is routine; a
                 // stalled handshake or request is worth an audit line.
