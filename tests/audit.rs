@@ -117,3 +117,54 @@ fn every_request_is_audited_with_its_caller_and_outcome() {
         }
     }
 }
+
+/// A flood of failed authentication is logged within a budget (20 lines a
+/// second), and the first line after it says how many were dropped; the
+/// metrics still count every request, and authenticated requests in the
+/// middle of the flood are all audited.
+#[test]
+fn failed_authentication_lines_are_rate_limited_and_counted() {
+    let dir = TestDir::new("audit-flood");
+    let pki = Pki::create(&dir);
+    let tokens = dir.join("tokens");
+    fs::write(&tokens, "").unwrap();
+    mint_token(&tokens, "ci");
+    let auth = Auth { client_ca: true, tokens: Some(tokens) };
+    let h = Harness::start_in(dir, pki, &auth, &[]);
+    let wrong = Api::new(h.daemon.base_url(), h.pki.tls(None))
+        .with_header("Authorization", "Bearer not-the-token-0000");
+    const FLOOD: usize = 200;
+    let started = std::time::Instant::now();
+    let missing = "00000000-0000-4000-8000-000000000000";
+    for i in 0..FLOOD {
+        assert_eq!(wrong.request("GET", "/api/v1/jobs", None).status, 401);
+        if i % 50 == 0 {
+            assert_eq!(h.api.status(missing).status, 404);
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64().ceil() as usize + 1;
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(wrong.request("GET", "/api/v1/jobs", None).status, 401);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let log = h.daemon.log_text();
+    let logged = lines_with(&log, &["peer=unauthenticated", "auth_failure="]).len();
+    assert!(logged >= 20, "the budget is used, not silenced: {logged} lines");
+    assert!(
+        logged <= 20 * (seconds + 1) && logged < FLOOD,
+        "{logged} failure lines for {FLOOD} failures in about {seconds} s"
+    );
+    let after = assert_one_line(&log, &["auth_failure=", "earlier lines caused by clients"]);
+    assert!(after.contains("were not logged: over 20 a second"), "{after}");
+    // Every authenticated request is still audited.
+    let audited = lines_with(&log, &["peer=cert:CN=test-client", missing, "404"]).len();
+    assert_eq!(audited, FLOOD / 50);
+    // And the metrics count every failure, logged or not.
+    let (_, metrics) =
+        get_text(&h.daemon.base_url(), h.pki.tls(Some(h.pki.client())), "/metrics", None);
+    let line = format!(
+        "lvp_http_requests_total{{endpoint=\"jobs\",method=\"GET\",code=\"401\"}} {}",
+        FLOOD + 1
+    );
+    assert!(metrics.contains(&line), "no {line:?} in:\n{metrics}");
+}

@@ -12,24 +12,6 @@ use serde_json::{json, Value};
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A GET whose body is text (the metrics), with the client certificate
-/// when `pki` is given.
-fn get_text(
-    base: &str,
-    tls: ureq::tls::TlsConfig,
-    path: &str,
-    header: Option<(&str, &str)>,
-) -> (u16, String) {
-    let agent: ureq::Agent =
-        ureq::Agent::config_builder().tls_config(tls).http_status_as_error(false).build().into();
-    let mut req = agent.get(&format!("{base}{path}"));
-    if let Some((name, value)) = header {
-        req = req.header(name, value);
-    }
-    let mut resp = req.call().unwrap();
-    (resp.status().as_u16(), resp.body_mut().read_to_string().unwrap())
-}
-
 /// The value of the first metric line that starts with `series`.
 fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()

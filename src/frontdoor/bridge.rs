@@ -17,6 +17,7 @@ use rustls::{ServerConfig, ServerConnection};
 use super::framing::Framer;
 use super::peers::{Peer, PeerTable};
 use crate::error::ApiError;
+use crate::logging::remote_line;
 
 /// Bytes buffered in either direction before we stop reading more from the
 /// sender: enough for a request or a status reply, small per connection.
@@ -169,7 +170,11 @@ impl Bridge {
             if now >= deadline && what == SLOW_REQUEST && !st.closing {
                 // Tell the client why, then close as after any refusal
                 // (reading and dropping what it still sends, for a while).
-                log::info!("closing {what} from {remote}: its deadline passed; answered 408");
+                if let Some(note) = remote_line() {
+                    log::info!(
+                        "closing {what} from {remote}: its deadline passed; answered 408{note}"
+                    );
+                }
                 st.answer_and_close(&ApiError::request_timeout(limits.request.min(limits.idle)));
                 answered_by = Some(now + 2 * LINGER);
                 continue;
@@ -177,9 +182,11 @@ impl Bridge {
             if now >= deadline {
                 // An idle keep-alive connection closing is routine; a
                 // stalled handshake or request is worth an audit line.
-                let level =
-                    if what == "idle connection" { log::Level::Debug } else { log::Level::Info };
-                log::log!(level, "closing {what} from {remote}: its deadline passed");
+                if what == "idle connection" {
+                    log::debug!("closing {what} from {remote}: its deadline passed");
+                } else if let Some(note) = remote_line() {
+                    log::info!("closing {what} from {remote}: its deadline passed{note}");
+                }
                 break;
             }
             match st.step(deadline - now, remote, backend, &peers) {
@@ -351,7 +358,9 @@ impl State {
         }
         if let Err(e) = tls.process_new_packets() {
             // Send the alert rustls queued (e.g. unknown CA), then close.
-            log::info!("TLS handshake with {remote} failed: {e}");
+            if let Some(note) = remote_line() {
+                log::info!("TLS handshake with {remote} failed: {e}{note}");
+            }
             let _ = tls.write_tls(&mut self.client);
             return Err(Done);
         }
@@ -396,14 +405,17 @@ impl State {
             return;
         }
         if let Err(err) = self.framer.feed(bytes, &mut self.to_backend) {
-            // Info, not warn: any client can cause it at will.
-            log::info!(
-                "front door refused a request from {}: {} {}: {}",
-                self.remote,
-                err.status,
-                err.code,
-                err.details
-            );
+            // Info, not warn, and within the budget: any client can
+            // cause it at will.
+            if let Some(note) = remote_line() {
+                log::info!(
+                    "front door refused a request from {}: {} {}: {}{note}",
+                    self.remote,
+                    err.status,
+                    err.code,
+                    err.details
+                );
+            }
             self.to_backend.clear();
             self.answer_and_close(&err);
         }

@@ -222,13 +222,16 @@ fn handle(ctx: &Ctx, mut request: tiny_http::Request) {
     }
     let job = audit_job(status, reply_job_id.as_deref());
     let (caller, failure) = match &identity {
-        Ok(id) => (clean_for_log(&id.to_string()), String::new()),
+        Ok(id) => (clean_for_log(&id.to_string()), Some(String::new())),
         // A public probe needs no identity: not an authentication failure.
-        Err(_) if public => ("anonymous".to_string(), String::new()),
-        // Known limitation: one line per failed request, not rate-limited;
-        // in token mode anyone who reaches the port can add lines at the
-        // rate the connection cap and deadlines allow.
-        Err(e) => ("unauthenticated".to_string(), format!(" auth_failure={:?}", e.details)),
+        Err(_) if public => ("anonymous".to_string(), Some(String::new())),
+        // Anyone who reaches the port can cause these: they share the
+        // budget of lines clients cause (`None`: over it, not logged).
+        Err(e) => (
+            "unauthenticated".to_string(),
+            crate::logging::remote_line()
+                .map(|note| format!(" auth_failure={:?}{note}", e.details)),
+        ),
     };
     let remote = request
         .remote_addr()
@@ -240,17 +243,18 @@ fn handle(ctx: &Ctx, mut request: tiny_http::Request) {
     }
     // The audit line: who (certificate subject or token name, never the
     // token), from where, what, and the outcome. At info, also for failed
-    // authentication: one line per request, which a remote party cannot
-    // multiply (see the connection cap and the front door's deadlines).
+    // authentication, within the budget for lines clients cause.
     // Known limitation: the reply is out, but while the kernel throttles a
     // disk busy flushing images this write can take tens of milliseconds,
     // and the thread serves no other request meanwhile (README, Speed).
-    log::info!(
-        "req={} peer={caller} from={remote} {method} {} {status} {}ms{job}{failure}",
-        &request_id[..8],
-        clean_for_log(path),
-        started.elapsed().as_millis()
-    );
+    if let Some(failure) = failure {
+        log::info!(
+            "req={} peer={caller} from={remote} {method} {} {status} {}ms{job}{failure}",
+            &request_id[..8],
+            clean_for_log(path),
+            started.elapsed().as_millis()
+        );
+    }
 }
 
 /// ` job=<id>` for a reply that names a job the request created or acted on.

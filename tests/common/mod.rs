@@ -1018,6 +1018,24 @@ impl Api {
     }
 }
 
+/// A GET over `tls`, with one header if given, whose body is text (the
+/// metrics): its status and body.
+pub fn get_text(
+    base: &str,
+    tls: ureq::tls::TlsConfig,
+    path: &str,
+    header: Option<(&str, &str)>,
+) -> (u16, String) {
+    let agent: ureq::Agent =
+        ureq::Agent::config_builder().tls_config(tls).http_status_as_error(false).build().into();
+    let mut req = agent.get(&format!("{base}{path}"));
+    if let Some((name, value)) = header {
+        req = req.header(name, value);
+    }
+    let mut resp = req.call().unwrap();
+    (resp.status().as_u16(), resp.body_mut().read_to_string().unwrap())
+}
+
 /// A reply read off the wire by [`raw_https`].
 #[derive(Debug)]
 pub struct RawReply {
