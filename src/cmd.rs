@@ -9,7 +9,7 @@
 
 use std::fmt;
 use std::io::{self, Read};
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -47,9 +47,13 @@ impl fmt::Display for CmdError {
             CmdError::NotFound { program } => write!(f, "{program} not found on PATH"),
             CmdError::Spawn { program, .. } => write!(f, "could not start {program}"),
             CmdError::Failed { program, status, stderr } => {
-                let what = match status.code() {
-                    Some(code) => format!("exited with status {code}"),
-                    None => "was killed by a signal".to_string(),
+                let what = match (status.code(), status.signal()) {
+                    (Some(code), _) => format!("exited with status {code}"),
+                    (None, Some(libc::SIGXCPU | libc::SIGKILL)) => {
+                        "was killed by a signal (past its CPU time limit, or out of memory)"
+                            .to_string()
+                    }
+                    (None, _) => "was killed by a signal".to_string(),
                 };
                 let stderr = stderr.trim();
                 if stderr.is_empty() {
@@ -81,18 +85,20 @@ pub struct Output {
 /// Runs `argv` to completion and returns its output. Any exit status other
 /// than 0 is an error carrying the stderr tail.
 pub fn run(argv: &[String]) -> Result<Output, CmdError> {
-    run_with(argv, None, &mut |_| {})
+    run_with(argv, None, None, &mut |_| {})
 }
 
-/// Runs `argv`, passing each stdout line (split on `\n` or `\r`) to
-/// `on_line`, and kills the child when `cancel` becomes true.
+/// Runs `argv` under `limits` if any, passing each stdout line (split on
+/// `\n` or `\r`) to `on_line`, and kills the child when `cancel` becomes
+/// true.
 pub fn run_with(
     argv: &[String],
+    limits: Option<Limits>,
     cancel: Option<&AtomicBool>,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<Output, CmdError> {
     let program = argv.first().cloned().unwrap_or_default();
-    let (status, stdout, stderr) = run_inner(argv, cancel, on_line, None)?;
+    let (status, stdout, stderr) = run_inner(argv, cancel, on_line, limits)?;
     if status.success() {
         if !stderr.trim().is_empty() {
             log::debug!("{program} said on stderr: {}", stderr.trim());
@@ -363,7 +369,7 @@ mod tests {
     #[test]
     fn test_progress_lines_split_on_carriage_return() {
         let mut lines = Vec::new();
-        run_with(&argv(&["printf", "a\\rb\\nc"]), None, &mut |l| lines.push(l.to_string()))
+        run_with(&argv(&["printf", "a\\rb\\nc"]), None, None, &mut |l| lines.push(l.to_string()))
             .unwrap();
         assert_eq!(lines, ["a", "b", "c"]);
     }
@@ -377,7 +383,7 @@ mod tests {
             setter.store(true, Ordering::Relaxed);
         });
         let start = Instant::now();
-        let err = run_with(&argv(&["sleep", "30"]), Some(&flag), &mut |_| {}).unwrap_err();
+        let err = run_with(&argv(&["sleep", "30"]), None, Some(&flag), &mut |_| {}).unwrap_err();
         assert!(matches!(err, CmdError::Cancelled { .. }), "{err}");
         assert!(start.elapsed() < Duration::from_secs(10));
     }
@@ -403,7 +409,8 @@ mod tests {
         let limits = Limits { address_space: 256 << 20, cpu_secs: 1 };
         let start = Instant::now();
         let err = run_limited(&argv(&["sh", "-c", "while :; do :; done"]), limits, &[0]);
-        assert!(err.unwrap_err().to_string().contains("killed by a signal"));
+        let err = err.unwrap_err().to_string();
+        assert!(err.contains("killed by a signal (past its CPU time limit"), "{err}");
         assert!(start.elapsed() < Duration::from_secs(20));
     }
 

@@ -91,12 +91,19 @@ pub fn convert_argv(image: &Path, format: ImageType, volume: &Volume, io: IoMode
     argv
 }
 
+/// Limits for `qemu-img convert` into a volume of `size` bytes. The image
+/// has passed our header reader, `info` and `check` by then, but convert
+/// parses it again: a crafted image that slipped through must not make it
+/// allocate or spin without end. It stays under 30 MB resident here; the
+/// CPU time allows 10 s per GiB written (100 MiB/s, slower than
+/// decompressing a compressed qcow2 on any CPU in use) plus a minute.
+pub fn convert_limits(size: u64) -> cmd::Limits {
+    let gib = size.div_ceil(1 << 30);
+    cmd::Limits { address_space: 2 << 30, cpu_secs: 60 + 10 * gib }
+}
+
 /// Writes an image into the volume with qemu-img: every qcow2, and raw
 /// images under `--direct-io`. `progress` gets a percentage.
-///
-/// Known limitation: unlike `qemu-img info` and `check`, the convert runs
-/// without address-space or CPU limits; the image has passed both (and our
-/// own header reader) by then.
 pub fn convert(
     image: &Path,
     format: ImageType,
@@ -106,7 +113,7 @@ pub fn convert(
     progress: &mut dyn FnMut(f64),
 ) -> Result<(), WriteError> {
     let argv = convert_argv(image, format, volume, io);
-    cmd::run_with(&argv, Some(cancel), &mut |line| {
+    cmd::run_with(&argv, Some(convert_limits(volume.size)), Some(cancel), &mut |line| {
         if let Some(pct) = parse_progress(line) {
             progress(pct);
         }

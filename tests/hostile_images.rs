@@ -329,3 +329,50 @@ fn cache_entry_swapped_for_a_hostile_qcow2_after_inspection_is_refused() {
     assert!(!h.daemon.volume("vm-swapped").exists(), "a volume was created");
     assert!(!entry.exists(), "the swapped entry must be deleted");
 }
+
+/// `qemu-img convert` parses the image again after our checks, so it too
+/// runs under address-space and CPU limits (a crafted image that slipped
+/// through must not make it allocate or spin without end). A `qemu-img`
+/// first on the daemon's PATH records the limits it was started with,
+/// then runs the real one.
+#[test]
+fn qemu_img_convert_runs_under_limits() {
+    let dir = TestDir::new("convert-limits");
+    let pki = Pki::create(&dir);
+    let images = ImageServer::start(&dir.mkdir("images"));
+    let img = build_fs_image(images.root(), "base", 51);
+    let real =
+        String::from_utf8(run(Command::new("sh").args(["-c", "command -v qemu-img"])).stdout)
+            .unwrap()
+            .trim()
+            .to_string();
+    let bin = dir.mkdir("bin");
+    let record = dir.join("convert-limits.txt");
+    let wrapper = format!(
+        "#!/bin/sh\nif [ \"$1\" = convert ]; then cat /proc/$$/limits > '{}'; fi\nexec '{real}' \"$@\"\n",
+        record.display()
+    );
+    fs::write(bin.join("qemu-img"), wrapper).unwrap();
+    run(Command::new("chmod").arg("+x").arg(bin.join("qemu-img")));
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let daemon = Daemon::start_env(&dir, &pki, &[], &[("PATH", &path)]);
+    let api = Api::mtls(&daemon, &pki);
+    let id = api.submit(&serde_json::json!({
+        "image_url": images.url(&img.qcow2_name()),
+        "volume_name": "vm-limited",
+        "volume_size_gb": 2,
+        "image_type": "qcow2",
+    }));
+    let status = api.wait_final(&id, JOB_TIMEOUT);
+    assert_eq!(status["status"], "completed", "{status:#}");
+    assert_volume_holds(&daemon.volume("vm-limited"), &img.raw, 2 * GIB);
+
+    let limits = fs::read_to_string(&record).expect("the convert ran through the wrapper");
+    let limit = |name: &str| -> Vec<String> {
+        let line = limits.lines().find(|l| l.starts_with(name)).unwrap_or_default();
+        line[name.len()..].split_whitespace().take(2).map(String::from).collect()
+    };
+    // 2 GiB of address space; a minute of CPU plus 10 s per GiB of volume.
+    assert_eq!(limit("Max address space"), ["2147483648", "2147483648"], "{limits}");
+    assert_eq!(limit("Max cpu time"), ["80", "80"], "{limits}");
+}
