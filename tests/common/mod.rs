@@ -715,7 +715,12 @@ impl Daemon {
                 self.child = None;
                 return Err(format!("it exited with {status}"));
             }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+            // The port alone is not proof: another test's server may hold
+            // it, while this daemon fails to bind it and exits. The daemon
+            // logs "listening on" only once it holds the port.
+            if self.log_text().contains("listening on ")
+                && TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok()
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
