@@ -72,9 +72,7 @@ fn provision_three(name: &str, extra: &[&str]) -> (String, Vec<std::path::PathBu
 
 #[test]
 fn direct_io_writes_every_volume_with_o_direct_and_the_same_bytes() {
-    if !have_command("strace") {
-        assert!(std::env::var_os("CI").is_none(), "strace is missing, and CI must have it");
-        eprintln!("skipping direct_io_writes_every_volume_with_o_direct: no strace");
+    if !have_strace("direct_io_writes_every_volume_with_o_direct_and_the_same_bytes") {
         return;
     }
     let (trace, volumes) = provision_three("direct-io", &["--direct-io"]);
@@ -93,9 +91,7 @@ fn direct_io_writes_every_volume_with_o_direct_and_the_same_bytes() {
 
 #[test]
 fn without_the_flag_no_volume_is_opened_with_o_direct() {
-    if !have_command("strace") {
-        assert!(std::env::var_os("CI").is_none(), "strace is missing, and CI must have it");
-        eprintln!("skipping without_the_flag_no_volume_is_opened_with_o_direct: no strace");
+    if !have_strace("without_the_flag_no_volume_is_opened_with_o_direct") {
         return;
     }
     let (trace, volumes) = provision_three("buffered-io", &[]);

@@ -52,9 +52,7 @@ fn volume_flushes(lines: &[&str], volume: &str, children: &HashSet<String>) -> V
 /// Runs one job per image type under strace and checks the order.
 #[test]
 fn volume_is_flushed_before_the_job_is_journaled_completed() {
-    if !have_command("strace") {
-        assert!(std::env::var_os("CI").is_none(), "strace is missing, and CI must have it");
-        eprintln!("skipping volume_is_flushed_before_the_job_is_journaled_completed: no strace");
+    if !have_strace("volume_is_flushed_before_the_job_is_journaled_completed") {
         return;
     }
     let dir = TestDir::new("durable");

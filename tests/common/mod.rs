@@ -1649,6 +1649,17 @@ pub fn have_command(name: &str) -> bool {
         .any(|dir| dir.join(name).is_file())
 }
 
+/// Whether strace is here for a test that traces the daemon; when it is
+/// not, says that `test` is skipped (and fails under CI, which installs it).
+pub fn have_strace(test: &str) -> bool {
+    if have_command("strace") {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "strace is missing, and CI must have it");
+    eprintln!("skipping {test}: no strace");
+    false
+}
+
 /// Runs a command to the end and returns its output whatever its exit
 /// status, for tests that expect a failure; `output_text` shows it.
 #[track_caller]
