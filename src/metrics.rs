@@ -117,7 +117,12 @@ impl Metrics {
         out
     }
 
+    /// Counts a request. A method outside the usual ones counts as
+    /// `other`: the method is the client's to choose, and one label value
+    /// each would let a client grow the metrics without end.
     pub fn request(&self, endpoint: &str, method: &str, code: u16) {
+        const KNOWN: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"];
+        let method = KNOWN.iter().find(|m| **m == method).copied().unwrap_or("other");
         let labels = RequestLabels {
             endpoint: endpoint.to_string(),
             method: method.to_string(),
@@ -154,6 +159,19 @@ mod tests {
             let le = line.split("le=\"").nth(1).unwrap().split('"').next().unwrap();
             assert!(le == "+Inf" || le.len() <= 7, "noisy bucket bound {le:?} in {line}");
         }
+    }
+
+    /// Methods a client makes up share one label value.
+    #[test]
+    fn unknown_methods_count_as_other() {
+        let m = Metrics::default();
+        for method in ["FOO", "G\u{1b}]0;x\u{7}", "BAR"] {
+            m.request("other", method, 405);
+        }
+        let text = m.encode();
+        let line = "lvp_http_requests_total{endpoint=\"other\",method=\"other\",code=\"405\"} 3";
+        assert!(text.contains(line), "{text}");
+        assert!(!text.contains('\u{1b}') && !text.contains("FOO"), "{text}");
     }
 
     /// The encoder writes OpenMetrics: a counter family's TYPE line names it

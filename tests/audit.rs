@@ -168,3 +168,24 @@ fn failed_authentication_lines_are_rate_limited_and_counted() {
     );
     assert!(metrics.contains(&line), "no {line:?} in:\n{metrics}");
 }
+
+/// A client's method is its own invention: control characters in it
+/// (terminal escapes that would rewrite what an operator sees in `tail -f`)
+/// never reach the log, and it does not become a metrics label.
+#[test]
+fn control_characters_in_the_method_do_not_reach_the_log() {
+    let h = Harness::start("audit-method", &[]);
+    let forged =
+        b"G\x1b]0;pwned\x07\x1b[2K\rFAKE /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let reply = raw_https(&h.daemon, &h.pki, forged);
+    assert!(reply.status >= 400, "{reply:#?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let log = h.daemon.log_text();
+    let line = assert_one_line(&log, &["G_]0;pwned__[2K_FAKE /health"]);
+    for c in ['\x1b', '\x07', '\r'] {
+        assert!(!log.contains(c), "a raw {c:?} in the log: {line:?}");
+    }
+    let (_, metrics) =
+        get_text(&h.daemon.base_url(), h.pki.tls(Some(h.pki.client())), "/metrics", None);
+    assert!(!metrics.contains("pwned"), "{metrics}");
+}

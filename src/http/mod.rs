@@ -183,13 +183,23 @@ pub fn start(server: Arc<Server>, ctx: Arc<Ctx>, threads: usize) -> Vec<JoinHand
 fn handle(ctx: &Ctx, mut request: tiny_http::Request) {
     let started = Instant::now();
     let request_id = uuid::Uuid::new_v4().to_string();
+    // The method is any token the client sent: cleaned for the log, and
+    // counted in the metrics only when it is one we know.
     let method = request.method().as_str().to_string();
+    let shown_method = clean_for_log(&method);
     let url = request.url().to_string();
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
     let public = (ctx.public_health && routes::is_health_probe(path))
         || (ctx.public_metrics && path == "/metrics");
     let identity =
         auth::identify(&ctx.peers, ctx.tokens.as_ref(), request.remote_addr(), request.headers());
+    // Looked up now: a client that leaves before its reply (a long
+    // `?wait=`) takes its entry in the peer table with it.
+    let remote = request
+        .remote_addr()
+        .and_then(|a| ctx.peers.get(a))
+        .map(|p| p.remote.to_string())
+        .unwrap_or_else(|| "local".into());
     let reply = match (&identity, public) {
         (Err(e), false) => Reply::from(Failure::from(e.clone())),
         _ => match read_body(&mut request) {
@@ -233,11 +243,6 @@ fn handle(ctx: &Ctx, mut request: tiny_http::Request) {
                 .map(|note| format!(" auth_failure={:?}{note}", e.details)),
         ),
     };
-    let remote = request
-        .remote_addr()
-        .and_then(|a| ctx.peers.get(a))
-        .map(|p| p.remote.to_string())
-        .unwrap_or_else(|| "local".into());
     if let Err(e) = request.respond(response) {
         log::debug!("req={} could not send the reply: {e}", &request_id[..8]);
     }
@@ -248,7 +253,7 @@ fn handle(ctx: &Ctx, mut request: tiny_http::Request) {
     // of their own was measured and made no difference; README, Speed.)
     if let Some(failure) = failure {
         log::info!(
-            "req={} peer={caller} from={remote} {method} {} {status} {}ms{job}{failure}",
+            "req={} peer={caller} from={remote} {shown_method} {} {status} {}ms{job}{failure}",
             &request_id[..8],
             clean_for_log(path),
             started.elapsed().as_millis()
