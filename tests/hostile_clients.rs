@@ -207,6 +207,39 @@ fn a_trickled_request_is_cut_at_the_request_timeout_not_the_idle_timeout() {
     assert_eq!(jobs.body["jobs"], serde_json::json!([]), "no job from a request that never came");
 }
 
+/// A pipelining client that starts its next request while the reply to a
+/// long `?wait=` is still to come gets that reply first, and the 408 for
+/// the unfinished request only after it: replies keep their order.
+#[test]
+fn a_pending_reply_is_not_overtaken_by_the_408_of_a_pipelined_request() {
+    let h = Harness::start(
+        "pipelined-408",
+        &["--workers", "1", "--request-timeout", "2", "--idle-timeout", "60"],
+    );
+    // One worker, busy for a while with a slow download: the next job
+    // stays pending, and a `?wait=` on it is answered when the wait ends.
+    let img = build_fs_image(h.image_dir(), "slow", 61);
+    h.images
+        .set_slow(&img.qcow2_name(), Slow { chunk: 64 * 1024, delay: Duration::from_millis(200) });
+    h.api.submit(&h.request(&img.qcow2_name(), "vm-busy", 1, "qcow2"));
+    let pending = h.api.submit(&h.request(&img.qcow2_name(), "vm-pending", 1, "qcow2"));
+    assert_eq!(h.api.status(&pending).body["status"], "pending");
+
+    let pipelined = format!(
+        "GET /api/v1/status/{pending}?wait=4 HTTP/1.1\r\nHost: localhost\r\n\r\n\
+         GET /health HTTP/1.1\r\nHost: localhost\r\n"
+    );
+    let started = Instant::now();
+    let reply = raw_https(&h.daemon, &h.pki, pipelined.as_bytes());
+    assert_eq!(reply.status, 200, "the first reply is the status: {reply:#?}");
+    assert_eq!(reply.body.matches("HTTP/1.1 ").count(), 1, "then one more reply: {reply:#?}");
+    assert!(reply.body.contains("HTTP/1.1 408"), "the second is the 408: {reply:#?}");
+    assert!(reply.body.contains("request_timeout"), "{reply:#?}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(4), "the wait was served whole ({took:?})");
+    assert!(took < Duration::from_secs(15), "and the 408 came after it ({took:?})");
+}
+
 /// Sends a request head one byte every 0.7 s, which keeps the connection
 /// from ever being idle, until the daemon hangs up or `limit` passes.
 /// Returns how long the daemon took to hang up.

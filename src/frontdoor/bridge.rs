@@ -88,6 +88,8 @@ struct State {
     discarded: usize,
     /// The answer to give once the handshake is done, instead of serving.
     refuse: Option<ApiError>,
+    /// When tiny_http last sent bytes of a reply.
+    last_reply_bytes: Option<Instant>,
 }
 
 impl Bridge {
@@ -126,6 +128,7 @@ impl Bridge {
             linger_until: None,
             discarded: 0,
             refuse,
+            last_reply_bytes: None,
         };
         if let Some(tls) = st.tls.as_mut() {
             // Backpressure is applied by polling, not by rustls' limit.
@@ -142,12 +145,36 @@ impl Bridge {
         // Set once a slow request has been answered 408: until when the
         // answer may take to go out before the connection is cut anyway.
         let mut answered_by: Option<Instant> = None;
+        // A pipelining client may start its next request while the reply
+        // to the one before is still to come (a long `?wait=`); a 408 then
+        // would come first and read as the answer to that one. So the next
+        // request's clock runs only once a reply has begun since the last
+        // request was passed on whole, and it restarts while reply bytes
+        // flow. Known limitation: only the last request passed on is
+        // tracked; with several unanswered ones, the first reply starts
+        // the clock.
+        let mut passed_on = 0;
+        let mut awaiting_since: Option<Instant> = None;
         loop {
             let handshaking = st.tls.as_ref().is_some_and(|t| t.is_handshaking());
+            if st.framer.completed() > passed_on {
+                passed_on = st.framer.completed();
+                awaiting_since = Some(Instant::now());
+            }
+            if awaiting_since.is_some_and(|t| st.last_reply_bytes.is_some_and(|r| r >= t)) {
+                awaiting_since = None;
+            }
             match (st.framer.mid_request(), request_started) {
                 (true, None) => request_started = Some(Instant::now()),
                 (false, Some(_)) => request_started = None,
                 _ => {}
+            }
+            if let Some(t) = request_started.as_mut() {
+                if awaiting_since.is_some() {
+                    *t = Instant::now();
+                } else if let Some(r) = st.last_reply_bytes {
+                    *t = (*t).max(r);
+                }
             }
             // Known limitation: these deadlines cover what the client sends.
             // A client that reads its reply a byte at a time keeps the
@@ -450,6 +477,7 @@ impl State {
                 Ok(true)
             }
             Ok(n) => {
+                self.last_reply_bytes = Some(Instant::now());
                 match self.tls.as_mut() {
                     Some(tls) => tls.writer().write_all(&buf[..n]).map_err(|_| Done)?,
                     None => self.to_client.extend_from_slice(&buf[..n]),

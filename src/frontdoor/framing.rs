@@ -26,11 +26,13 @@ enum State {
 
 pub struct Framer {
     state: State,
+    /// Requests passed on whole so far.
+    completed: u64,
 }
 
 impl Default for Framer {
     fn default() -> Self {
-        Framer { state: State::Head(Vec::new()) }
+        Framer { state: State::Head(Vec::new()), completed: 0 }
     }
 }
 
@@ -48,6 +50,7 @@ impl Framer {
                     *remaining -= n as u64;
                     if *remaining == 0 {
                         self.state = State::Head(Vec::new());
+                        self.completed += 1;
                     }
                 }
                 State::Head(buf) => {
@@ -68,8 +71,12 @@ impl Framer {
                     let rest = std::mem::take(buf);
                     let body = body_length(&head)?;
                     out.extend_from_slice(&head);
-                    self.state =
-                        if body == 0 { State::Head(Vec::new()) } else { State::Body(body) };
+                    self.state = if body == 0 {
+                        self.completed += 1;
+                        State::Head(Vec::new())
+                    } else {
+                        State::Body(body)
+                    };
                     if !rest.is_empty() {
                         // Re-feed the leftovers, then the remaining input.
                         let mut combined = rest;
@@ -93,6 +100,11 @@ impl Framer {
             State::Head(buf) => !buf.is_empty(),
             State::Body(_) => true,
         }
+    }
+
+    /// How many requests have been passed on whole.
+    pub fn completed(&self) -> u64 {
+        self.completed
     }
 }
 
@@ -167,6 +179,13 @@ mod tests {
         // The same stream split at every byte gives the same output.
         let chunks: Vec<&[u8]> = a.chunks(1).collect();
         assert_eq!(feed_all(&chunks).unwrap(), a.to_vec());
+        // Each request is counted once it has passed whole, body included.
+        let mut framer = Framer::default();
+        let mut out = Vec::new();
+        framer.feed(&a[..40], &mut out).unwrap();
+        assert_eq!((framer.completed(), framer.mid_request()), (0, true));
+        framer.feed(&a[40..], &mut out).unwrap();
+        assert_eq!((framer.completed(), framer.mid_request()), (2, false));
     }
 
     #[test]
