@@ -156,6 +156,47 @@ fn one_address_cannot_take_every_connection() {
     }
 }
 
+/// A client at its address's cap that opens its next connection the moment
+/// a reply has arrived, as curl in a loop does, is served: the slot of the
+/// connection it just left is free by then, or within a short grace.
+#[test]
+fn a_client_at_its_cap_that_reconnects_at_once_is_served() {
+    let h = Harness::start("per-address-reconnect", &["--max-connections-per-address", "1"]);
+    let get = b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    for i in 0..200 {
+        let mut tls = tls_connect(&h.daemon, &h.pki);
+        tls.write_all(get).unwrap();
+        tls.flush().unwrap();
+        // Read the reply as far as its Content-Length says, and leave
+        // without waiting for the daemon to close.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let whole = |got: &[u8]| -> bool {
+            let text = String::from_utf8_lossy(got);
+            let Some((head, body)) = text.split_once("\r\n\r\n") else { return false };
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            body.len() >= len
+        };
+        while !whole(&got) {
+            let n = tls.read(&mut buf).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "connection {i}: {text}");
+    }
+}
+
 #[test]
 fn requests_trickled_a_byte_at_a_time_are_cut_off() {
     let h = start("slowloris");

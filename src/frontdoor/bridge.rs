@@ -60,6 +60,10 @@ pub struct Bridge {
     /// Over TLS the handshake is completed first, so that the client reads
     /// a 503 it understands instead of a bare close.
     pub refuse: Option<ApiError>,
+    /// What the connection holds under the front door's caps: given back
+    /// before the client's socket is closed, so that a client that
+    /// reconnects at once finds its slot free.
+    pub held: Option<Box<dyn Send>>,
 }
 
 struct State {
@@ -96,7 +100,7 @@ impl Bridge {
     /// Serves the connection until either side closes, a deadline passes or
     /// the client breaks the rules. Never panics on client input.
     pub fn run(self) {
-        let Bridge { client, remote, tls, backend, peers, mut limits, refuse } = self;
+        let Bridge { client, remote, tls, backend, peers, mut limits, refuse, held } = self;
         if refuse.is_some() {
             limits.handshake = limits.handshake.min(REFUSAL_HANDSHAKE);
             limits.idle = limits.idle.min(REFUSAL_HANDSHAKE);
@@ -228,6 +232,7 @@ impl Bridge {
         if let Some(b) = &st.backend {
             let _ = b.shutdown(Shutdown::Both);
         }
+        drop(held);
         let _ = st.client.shutdown(Shutdown::Both);
     }
 }

@@ -35,6 +35,7 @@ use std::time::Duration;
 use rustls::ServerConfig;
 
 use crate::error::ApiError;
+use crate::logging::remote_line;
 use bridge::{Bridge, Limits};
 use peers::PeerTable;
 
@@ -64,47 +65,103 @@ pub struct FrontDoor {
     pub max_per_address: usize,
 }
 
-/// Open connections by remote address, for the per-address cap.
-#[derive(Default)]
-struct PerAddress {
-    open: Mutex<HashMap<IpAddr, usize>>,
+/// How long a connection over its address's cap waits for one of that
+/// address's connections to end before it is refused: a client that opens
+/// its next connection the moment the last reply arrives is often a step
+/// ahead of the thread that is still closing the old one.
+const ADDRESS_GRACE: Duration = Duration::from_millis(250);
+
+/// The two caps and their counts, shared by the acceptor and the
+/// connection threads.
+struct Admission {
+    max_connections: usize,
+    max_per_address: usize,
+    /// Connections admitted.
+    open: AtomicUsize,
+    /// Connections being refused.
+    refusing: AtomicUsize,
+    /// Admitted connections by remote address.
+    by_address: Mutex<HashMap<IpAddr, usize>>,
 }
 
-impl PerAddress {
-    /// Takes a slot for `ip` unless it already holds `cap`.
-    fn take(&self, ip: IpAddr, cap: usize) -> bool {
-        let mut open = self.open.lock().unwrap();
-        let held = open.entry(ip).or_default();
-        if *held >= cap {
-            return false;
-        }
-        *held += 1;
-        true
-    }
+/// Which cap a connection is over.
+#[derive(Debug, Clone, Copy)]
+enum Over {
+    Address(IpAddr),
+    All,
+}
 
-    fn give_back(&self, ip: IpAddr) {
-        let mut open = self.open.lock().unwrap();
-        if let Some(held) = open.get_mut(&ip) {
-            *held -= 1;
-            if *held == 0 {
-                open.remove(&ip);
+impl Over {
+    fn answer(self, admission: &Admission) -> ApiError {
+        match self {
+            Over::Address(ip) => ApiError::too_many_connections_from(ip, admission.max_per_address),
+            Over::All => ApiError::too_many_connections(),
+        }
+    }
+}
+
+/// A slot held until the connection ends: admitted (counted under both
+/// caps) or being refused.
+struct Slot {
+    admission: Arc<Admission>,
+    admitted: Option<IpAddr>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let a = &self.admission;
+        match self.admitted {
+            Some(ip) => {
+                a.open.fetch_sub(1, Ordering::SeqCst);
+                a.give_back(ip);
+            }
+            None => {
+                a.refusing.fetch_sub(1, Ordering::SeqCst);
             }
         }
     }
 }
 
-/// What a connection holds until it ends: a slot under the cap (or a
-/// refusal slot), and its address's slot when it was admitted.
-struct Slots {
-    counter: Arc<AtomicUsize>,
-    address: Option<(Arc<PerAddress>, IpAddr)>,
-}
+impl Admission {
+    /// Admits a connection from `ip` under both caps, or says which one
+    /// it is over. Two caps: one address may hold at most
+    /// `max_per_address`, so that one party cannot fill the global cap and
+    /// keep everyone else out. Known limitation: the address is the whole
+    /// IP; a party with many addresses (an IPv6 /64, several hosts) still
+    /// counts as many.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Over> {
+        {
+            let mut by_address = self.by_address.lock().unwrap();
+            let held = by_address.entry(ip).or_default();
+            if *held >= self.max_per_address {
+                return Err(Over::Address(ip));
+            }
+            *held += 1;
+        }
+        if self.open.fetch_add(1, Ordering::SeqCst) >= self.max_connections {
+            self.open.fetch_sub(1, Ordering::SeqCst);
+            self.give_back(ip);
+            return Err(Over::All);
+        }
+        Ok(Slot { admission: Arc::clone(self), admitted: Some(ip) })
+    }
 
-impl Drop for Slots {
-    fn drop(&mut self) {
-        self.counter.fetch_sub(1, Ordering::SeqCst);
-        if let Some((table, ip)) = &self.address {
-            table.give_back(*ip);
+    /// A refusal slot, unless [`MAX_REFUSING_CONNECTIONS`] are taken.
+    fn refusal(self: &Arc<Self>) -> Option<Slot> {
+        if self.refusing.fetch_add(1, Ordering::SeqCst) >= MAX_REFUSING_CONNECTIONS {
+            self.refusing.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Slot { admission: Arc::clone(self), admitted: None })
+    }
+
+    fn give_back(&self, ip: IpAddr) {
+        let mut by_address = self.by_address.lock().unwrap();
+        if let Some(held) = by_address.get_mut(&ip) {
+            *held -= 1;
+            if *held == 0 {
+                by_address.remove(&ip);
+            }
         }
     }
 }
@@ -113,9 +170,13 @@ impl FrontDoor {
     /// Accepts connections on the calling thread until `stop` is set;
     /// then closes the listener. Open connections run on until they end.
     pub fn run(self, stop: &AtomicBool) {
-        let open = Arc::new(AtomicUsize::new(0));
-        let refusing = Arc::new(AtomicUsize::new(0));
-        let per_address = Arc::new(PerAddress::default());
+        let admission = Arc::new(Admission {
+            max_connections: self.max_connections,
+            max_per_address: self.max_per_address,
+            open: AtomicUsize::new(0),
+            refusing: AtomicUsize::new(0),
+            by_address: Mutex::new(HashMap::new()),
+        });
         if let Err(e) = self.listener.set_nonblocking(true) {
             log::error!("cannot make the listener non-blocking: {e}");
             return;
@@ -139,70 +200,94 @@ impl FrontDoor {
                 Ok(a) => a,
                 Err(_) => continue,
             };
-            // Two caps: one address may hold at most `max_per_address`
-            // connections, so that one party cannot fill the global cap
-            // and keep everyone else out. Known limitation: the address is
-            // the whole IP; a party with many addresses (an IPv6 /64, or
-            // several hosts) still counts as many.
-            let ip = remote.ip();
-            let refusal = if !per_address.take(ip, self.max_per_address) {
-                Some(ApiError::too_many_connections_from(ip, self.max_per_address))
-            } else if open.fetch_add(1, Ordering::SeqCst) >= self.max_connections {
-                open.fetch_sub(1, Ordering::SeqCst);
-                per_address.give_back(ip);
-                Some(ApiError::too_many_connections())
-            } else {
-                None
-            };
-            let slots = match refusal {
-                None => Slots {
-                    counter: Arc::clone(&open),
-                    address: Some((Arc::clone(&per_address), ip)),
-                },
-                Some(busy) => {
-                    if refusing.fetch_add(1, Ordering::SeqCst) >= MAX_REFUSING_CONNECTIONS {
-                        refusing.fetch_sub(1, Ordering::SeqCst);
-                        log::debug!(
-                            "closing connection from {remote} at once ({}): {} more being refused",
-                            busy.details,
-                            MAX_REFUSING_CONNECTIONS
-                        );
-                        if self.tls.is_none() {
-                            let _ = stream.set_nonblocking(true);
-                            let _ = (&stream).write_all(&bridge::reject_response(&busy));
-                        }
-                        drop(stream);
-                        continue;
-                    }
-                    log::debug!("refusing connection from {remote} with 503: {}", busy.details);
-                    let slots = Slots { counter: Arc::clone(&refusing), address: None };
-                    self.serve(stream, remote, Some(busy), slots);
+            let over = match admission.admit(remote.ip()) {
+                Ok(slot) => {
+                    self.serve(stream, remote, Ok(slot));
                     continue;
                 }
+                Err(over) => over,
             };
-            self.serve(stream, remote, None, slots);
+            let Some(refusal) = admission.refusal() else {
+                let busy = over.answer(&admission);
+                if let Some(note) = remote_line() {
+                    log::info!(
+                        "closing connection from {remote} at once ({}): {} more being refused{note}",
+                        busy.details,
+                        MAX_REFUSING_CONNECTIONS
+                    );
+                }
+                if self.tls.is_none() {
+                    let _ = stream.set_nonblocking(true);
+                    let _ = (&stream).write_all(&bridge::reject_response(&busy));
+                }
+                continue;
+            };
+            self.serve(stream, remote, Err((over, refusal, Arc::clone(&admission))));
         }
     }
 
-    /// Runs the connection on a thread of its own, which gives `slots`
-    /// back when it ends.
-    fn serve(&self, stream: TcpStream, remote: SocketAddr, refuse: Option<ApiError>, slots: Slots) {
-        let bridge = Bridge {
+    /// Runs the connection on a thread of its own, which gives its slot
+    /// back when it ends. A connection over its address's cap first waits
+    /// up to [`ADDRESS_GRACE`] for a slot there, and is refused (with a
+    /// 503 naming the cap) if none comes free.
+    fn serve(
+        &self,
+        stream: TcpStream,
+        remote: SocketAddr,
+        admitted: Result<Slot, (Over, Slot, Arc<Admission>)>,
+    ) {
+        let mut bridge = Bridge {
             client: stream,
             remote,
             tls: self.tls.clone(),
             backend: self.backend,
             peers: Arc::clone(&self.peers),
             limits: self.limits,
-            refuse,
+            refuse: None,
+            held: None,
         };
         let spawned = thread::Builder::new().name("conn".into()).spawn(move || {
+            let slot = match admitted {
+                Ok(slot) => slot,
+                Err((over, refusal, admission)) => match wait_for_slot(&admission, remote, over) {
+                    Ok(slot) => slot,
+                    Err(over) => {
+                        let busy = over.answer(&admission);
+                        if let Some(note) = remote_line() {
+                            log::info!(
+                                "refusing connection from {remote} with 503: {}{note}",
+                                busy.details
+                            );
+                        }
+                        bridge.refuse = Some(busy);
+                        refusal
+                    }
+                },
+            };
+            bridge.held = Some(Box::new(slot));
             bridge.run();
-            drop(slots);
         });
         if let Err(e) = spawned {
             // The closure, and the slots in it, were dropped with the error.
             log::warn!("cannot start a thread for {remote}: {e}");
         }
     }
+}
+
+/// Tries to admit a connection refused for its address's cap again, for
+/// up to [`ADDRESS_GRACE`]; one refused by the global cap is not retried.
+fn wait_for_slot(admission: &Arc<Admission>, remote: SocketAddr, over: Over) -> Result<Slot, Over> {
+    if matches!(over, Over::All) {
+        return Err(over);
+    }
+    let deadline = std::time::Instant::now() + ADDRESS_GRACE;
+    let mut last = over;
+    while std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+        match admission.admit(remote.ip()) {
+            Ok(slot) => return Ok(slot),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
