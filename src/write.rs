@@ -321,10 +321,10 @@ pub fn finish_volume(
 /// Proves that files in `dir` take O_DIRECT writes (tmpfs, for one, does
 /// not), so that `--direct-io` fails at start rather than in every job.
 pub fn direct_io_probe(dir: &Path) -> Result<(), String> {
-    use std::alloc::{alloc_zeroed, dealloc, Layout};
     use std::os::unix::fs::OpenOptionsExt;
     // O_DIRECT wants the buffer, offset and length aligned to the logical
-    // block size; 4096 covers every device in use.
+    // block size; 4096 covers every device in use. An aligned block is cut
+    // out of a buffer twice its size.
     const ALIGN: usize = 4096;
     let probe = dir.join(format!(".lvp-direct-probe-{}", std::process::id()));
     let written = OpenOptions::new()
@@ -333,19 +333,9 @@ pub fn direct_io_probe(dir: &Path) -> Result<(), String> {
         .custom_flags(libc::O_DIRECT)
         .open(&probe)
         .and_then(|f| {
-            let layout = Layout::from_size_align(ALIGN, ALIGN).expect("a valid layout");
-            // SAFETY: the layout has a non-zero size; the block is freed
-            // below and not used after.
-            let buf = unsafe { alloc_zeroed(layout) };
-            if buf.is_null() {
-                return Err(io::Error::from(io::ErrorKind::OutOfMemory));
-            }
-            // SAFETY: `buf` points to ALIGN initialised bytes we own.
-            let block = unsafe { std::slice::from_raw_parts(buf, ALIGN) };
-            let result = f.write_all_at(block, 0);
-            // SAFETY: allocated above with the same layout.
-            unsafe { dealloc(buf, layout) };
-            result
+            let buf = vec![0u8; 2 * ALIGN];
+            let start = buf.as_ptr().align_offset(ALIGN);
+            f.write_all_at(&buf[start..start + ALIGN], 0)
         });
     let _ = fs::remove_file(&probe);
     written.map_err(|e| {
