@@ -231,7 +231,8 @@ fn handle(ctx: &Ctx, mut request: tiny_http::Request) {
         response = response.with_header(header(name, value));
     }
     let job = audit_job(status, reply_job_id.as_deref());
-    let (caller, failure) = match &identity {
+    // `tail` ends the audit line; `None` when the line is not logged.
+    let (caller, tail) = match &identity {
         Ok(id) => (clean_for_log(&id.to_string()), Some(String::new())),
         // A public probe needs no identity: not an authentication failure.
         Err(_) if public => ("anonymous".to_string(), Some(String::new())),
@@ -251,9 +252,9 @@ fn handle(ctx: &Ctx, mut request: tiny_http::Request) {
     // authentication, within the budget for lines clients cause.
     // The reply is out before this write. (Moving log writes to a thread
     // of their own was measured and made no difference; README, Speed.)
-    if let Some(failure) = failure {
+    if let Some(tail) = tail {
         log::info!(
-            "req={} peer={caller} from={remote} {shown_method} {} {status} {}ms{job}{failure}",
+            "req={} peer={caller} from={remote} {shown_method} {} {status} {}ms{job}{tail}",
             &request_id[..8],
             clean_for_log(path),
             started.elapsed().as_millis()
